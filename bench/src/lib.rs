@@ -1,0 +1,3 @@
+//! Test and benchmark tooling for neuronetz-gateway.
+
+pub mod sim;

@@ -1,0 +1,201 @@
+//! Resolved principals, cached per process and in Redis, keyed by a keyed digest of the *full*
+//! token (HMAC-SHA256 under `KEY_CACHE_SECRET`), never by prefix: a right prefix with a wrong
+//! secret has a different digest and cannot hit. The digest is useless without the secret, so
+//! a Redis dump does not reveal keys either.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use fred::prelude::{Client, Expiration, KeysInterface};
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+
+use crate::principal::Principal;
+
+pub type TokenDigest = [u8; 32];
+
+/// Local entries above this count are pruned (expired first, then everything): a flood of
+/// distinct bad tokens cannot grow memory without bound.
+const LOCAL_MAX_ENTRIES: usize = 100_000;
+
+pub struct DigestKey(Hmac<Sha256>);
+
+impl DigestKey {
+    pub fn new(secret: &SecretString) -> Self {
+        // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+        let mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+            .unwrap_or_else(|_| unreachable_hmac());
+        Self(mac)
+    }
+
+    pub fn digest(&self, token: &str) -> TokenDigest {
+        let mut mac = self.0.clone();
+        mac.update(token.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+#[cold]
+fn unreachable_hmac() -> Hmac<Sha256> {
+    // HMAC-SHA256 takes any key length; this only exists to avoid an `expect` on a hot path.
+    match Hmac::<Sha256>::new_from_slice(b"neuronetz") {
+        Ok(m) => m,
+        Err(_) => std::process::abort(),
+    }
+}
+
+enum Entry {
+    Valid {
+        principal: Arc<Principal>,
+        until: Instant,
+    },
+    Invalid {
+        until: Instant,
+    },
+}
+
+/// What the local cache knows about a digest.
+pub enum LocalHit {
+    Valid(Arc<Principal>),
+    Invalid,
+    Miss,
+}
+
+pub struct PrincipalCache {
+    local: RwLock<HashMap<TokenDigest, Entry>>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    redis: Option<Client>,
+}
+
+impl PrincipalCache {
+    pub fn new(ttl: Duration, negative_ttl: Duration, redis: Option<Client>) -> Self {
+        Self {
+            local: RwLock::new(HashMap::new()),
+            ttl,
+            negative_ttl,
+            redis,
+        }
+    }
+
+    pub fn local(&self, digest: &TokenDigest) -> LocalHit {
+        let now = Instant::now();
+        let Ok(map) = self.local.read() else {
+            return LocalHit::Miss;
+        };
+        match map.get(digest) {
+            Some(Entry::Valid { principal, until }) if *until > now => {
+                LocalHit::Valid(principal.clone())
+            }
+            Some(Entry::Invalid { until }) if *until > now => LocalHit::Invalid,
+            _ => LocalHit::Miss,
+        }
+    }
+
+    pub fn remember_valid(&self, digest: TokenDigest, principal: Arc<Principal>) {
+        self.insert(
+            digest,
+            Entry::Valid {
+                principal,
+                until: Instant::now() + self.ttl,
+            },
+        );
+    }
+
+    pub fn remember_invalid(&self, digest: TokenDigest) {
+        if self.negative_ttl.is_zero() {
+            return;
+        }
+        self.insert(
+            digest,
+            Entry::Invalid {
+                until: Instant::now() + self.negative_ttl,
+            },
+        );
+    }
+
+    /// Drops every local entry of one key or tenant (revocation and policy changes).
+    pub fn evict_where(&self, pred: impl Fn(&Principal) -> bool) {
+        if let Ok(mut map) = self.local.write() {
+            map.retain(|_, e| !matches!(e, Entry::Valid { principal, .. } if pred(principal)));
+        }
+    }
+
+    fn insert(&self, digest: TokenDigest, entry: Entry) {
+        let Ok(mut map) = self.local.write() else {
+            return;
+        };
+        if map.len() >= LOCAL_MAX_ENTRIES {
+            let now = Instant::now();
+            map.retain(|_, e| match e {
+                Entry::Valid { until, .. } | Entry::Invalid { until } => *until > now,
+            });
+            if map.len() >= LOCAL_MAX_ENTRIES {
+                map.clear();
+            }
+        }
+        map.insert(digest, entry);
+    }
+
+    pub fn has_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// One GET. `Err` means Redis could not answer (down, slow, or garbage in the entry).
+    pub async fn redis_get(
+        &self,
+        digest: &TokenDigest,
+    ) -> Result<Option<Principal>, fred::error::Error> {
+        let Some(redis) = &self.redis else {
+            return Ok(None);
+        };
+        let raw: Option<String> = redis.get(redis_key(digest)).await?;
+        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// One SET with expiry, off the request path (the caller spawns it).
+    pub async fn redis_put(
+        &self,
+        digest: &TokenDigest,
+        principal: &Principal,
+    ) -> Result<(), fred::error::Error> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let Ok(json) = serde_json::to_string(principal) else {
+            return Ok(());
+        };
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(60).max(1);
+        redis
+            .set::<(), _, _>(
+                redis_key(digest),
+                json,
+                Some(Expiration::EX(ttl)),
+                None,
+                false,
+            )
+            .await
+    }
+}
+
+fn redis_key(digest: &TokenDigest) -> String {
+    format!("nz:principal:{}", hex::encode(digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_depend_on_the_whole_token_and_the_secret() {
+        let a = DigestKey::new(&SecretString::from("secret-one-0123456789".to_string()));
+        let b = DigestKey::new(&SecretString::from("secret-two-0123456789".to_string()));
+        let t1 = "nz_AAAAAAAAAsecretsecretsecretsecretsecretse";
+        let t2 = "nz_AAAAAAAAAsecretsecretsecretsecretsecretsX";
+        assert_ne!(a.digest(t1), a.digest(t2), "same prefix, different secret");
+        assert_ne!(a.digest(t1), b.digest(t1), "different cache secret");
+        assert_eq!(a.digest(t1), a.digest(t1));
+    }
+}

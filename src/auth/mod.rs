@@ -1,0 +1,254 @@
+//! Bearer authentication (SPEC §3). The verification path, cheapest first:
+//!
+//! ```text
+//! Authorization → shape check → local cache → [throttle] → Redis cache → Postgres by prefix
+//!               → Argon2 verify (blocking pool) → cache the Principal (local + Redis)
+//! ```
+//!
+//! A cached valid key costs one map lookup: no Argon2, no Postgres, no Redis. Every failure is
+//! the same 401 to the caller; the reason only reaches the (secret-free) log. When no store can
+//! answer for an uncached key the result is 503, never "allow".
+
+pub mod cache;
+pub mod client_ip;
+pub mod hasher;
+pub mod key;
+pub mod throttle;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::principal::Principal;
+use crate::store::Store;
+use cache::{DigestKey, LocalHit, PrincipalCache};
+use hasher::{HashError, KeyHasher};
+use throttle::FailureThrottle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Missing, malformed, unknown, wrong, revoked, expired or suspended: one answer for all.
+    #[error("unauthorized ({0})")]
+    Rejected(RejectReason),
+    #[error("too many failed attempts from this address")]
+    Throttled(Duration),
+    /// No store could resolve an uncached key, or the Argon2 pool is full.
+    #[error("authentication backend unavailable")]
+    Unavailable,
+}
+
+/// Why a key was refused; for logs and metrics only, never for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Missing,
+    Malformed,
+    UnknownOrWrong,
+    Revoked,
+    Expired,
+    Suspended,
+    NegativeCached,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Missing => "missing",
+            Self::Malformed => "malformed",
+            Self::UnknownOrWrong => "unknown_or_wrong",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Suspended => "suspended",
+            Self::NegativeCached => "recently_failed",
+        })
+    }
+}
+
+pub struct Authenticator {
+    digest_key: DigestKey,
+    cache: Arc<PrincipalCache>,
+    hasher: Arc<KeyHasher>,
+    store: Arc<Store>,
+    throttle: FailureThrottle,
+}
+
+/// Extracts the token from `Authorization: Bearer <token>` (scheme case-insensitive).
+pub fn bearer_token(header: Option<&[u8]>) -> Option<&str> {
+    let value = std::str::from_utf8(header?).ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Authenticator {
+    pub fn new(
+        digest_key: DigestKey,
+        cache: Arc<PrincipalCache>,
+        hasher: Arc<KeyHasher>,
+        store: Arc<Store>,
+        failures_per_min: u32,
+    ) -> Self {
+        Self {
+            digest_key,
+            cache,
+            hasher,
+            store,
+            throttle: FailureThrottle::new(failures_per_min),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<PrincipalCache> {
+        &self.cache
+    }
+
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+        ip: Option<IpAddr>,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(self.fail(ip, RejectReason::Missing));
+        };
+        if token.len() > 256 {
+            return Err(self.fail(ip, RejectReason::Malformed));
+        }
+        let digest = self.digest_key.digest(token);
+        match self.cache.local(&digest) {
+            LocalHit::Valid(p) => return check_still_valid(p),
+            LocalHit::Invalid => return Err(self.fail(ip, RejectReason::NegativeCached)),
+            LocalHit::Miss => {}
+        }
+        if let Some(retry) = ip.and_then(|ip| self.throttle.blocked(ip)) {
+            return Err(AuthError::Throttled(retry));
+        }
+        if !key::is_well_formed(token) {
+            return Err(self.fail(ip, RejectReason::Malformed));
+        }
+        let redis_ok = match self.cache.redis_get(&digest).await {
+            Ok(Some(principal)) => {
+                let p = Arc::new(principal);
+                self.cache.remember_valid(digest, p.clone());
+                return check_still_valid(p);
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis key cache unavailable; falling back to postgres");
+                false
+            }
+        };
+        let _ = redis_ok;
+        self.resolve_from_store(token, digest, ip).await
+    }
+
+    async fn resolve_from_store(
+        &self,
+        token: &str,
+        digest: cache::TokenDigest,
+        ip: Option<IpAddr>,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let record = match self.store.key_by_prefix(key::prefix_of(token)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed; refusing (fail closed)");
+                return Err(AuthError::Unavailable);
+            }
+        };
+        let stored_hash = record.as_ref().map(|r| r.key_hash.clone());
+        let verified = match self.hasher.verify(token.to_string(), stored_hash).await {
+            Ok(v) => v,
+            Err(HashError::Saturated) => return Err(AuthError::Unavailable),
+            Err(e) => {
+                tracing::error!(error = %e, "argon2 verification failed");
+                return Err(AuthError::Unavailable);
+            }
+        };
+        let Some(record) = record.filter(|_| verified.ok) else {
+            self.cache.remember_invalid(digest);
+            return Err(self.fail(ip, RejectReason::UnknownOrWrong));
+        };
+        let reason = if record.revoked_at.is_some_and(|t| t <= Utc::now()) {
+            Some(RejectReason::Revoked)
+        } else if record.tenant_suspended {
+            Some(RejectReason::Suspended)
+        } else if record.principal.is_expired(Utc::now()) {
+            Some(RejectReason::Expired)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.cache.remember_invalid(digest);
+            return Err(self.fail(ip, reason));
+        }
+        let principal = Arc::new(record.principal);
+        self.cache.remember_valid(digest, principal.clone());
+        self.spawn_cache_fill(digest, principal.clone());
+        if verified.needs_rehash {
+            self.spawn_rehash(token.to_string(), principal.key_id);
+        }
+        Ok(principal)
+    }
+
+    fn fail(&self, ip: Option<IpAddr>, reason: RejectReason) -> AuthError {
+        if let Some(ip) = ip {
+            self.throttle.record_failure(ip);
+        }
+        AuthError::Rejected(reason)
+    }
+
+    fn spawn_cache_fill(&self, digest: cache::TokenDigest, principal: Arc<Principal>) {
+        if !self.cache.has_redis() {
+            return;
+        }
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cache.redis_put(&digest, &principal).await {
+                tracing::debug!(error = %e, "could not fill the redis key cache");
+            }
+        });
+    }
+
+    /// Stores a hash with the configured parameters after a verify on outdated ones.
+    fn spawn_rehash(&self, token: String, key_id: i64) {
+        let hasher = self.hasher.clone();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match hasher.hash(token).await {
+                Ok(hash) => {
+                    if let Err(e) = store.update_key_hash(key_id, &hash).await {
+                        tracing::warn!(key_id, error = %e, "re-hash not stored");
+                    } else {
+                        tracing::info!(
+                            key_id,
+                            "key re-hashed with the configured argon2 parameters"
+                        );
+                    }
+                }
+                Err(e) => tracing::debug!(key_id, error = %e, "re-hash skipped"),
+            }
+        });
+    }
+}
+
+/// A cached principal still expires on time (the cache TTL may outlive `expires_at`).
+fn check_still_valid(p: Arc<Principal>) -> Result<Arc<Principal>, AuthError> {
+    if p.is_expired(Utc::now()) {
+        Err(AuthError::Rejected(RejectReason::Expired))
+    } else {
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_extraction() {
+        assert_eq!(bearer_token(Some(b"Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(Some(b"bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(Some(b"Basic abc")), None);
+        assert_eq!(bearer_token(Some(b"Bearer")), None);
+        assert_eq!(bearer_token(None), None);
+        assert_eq!(bearer_token(Some(b"Bearer \xff")), None);
+    }
+}

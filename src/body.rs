@@ -1,0 +1,287 @@
+//! Request bodies of routes that name a model: read whole (bounded) in `request_filter`, parsed
+//! once, kept in the CTX and replayed upstream (see reference/pingora-notes.md §10).
+//!
+//! Ollama's Go JSON decoder matches keys case-insensitively and lets the last duplicate win, so
+//! a gateway that checked the first exact `"model"` could be bypassed with `"MODEL"`. We refuse
+//! any body in which a field the gateway decides on could be read two ways, so the bytes we
+//! forward name exactly the model we checked.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::errors::GatewayError;
+use crate::routes::ModelField;
+
+/// Pingora's retry buffer holds at most this much; see the recipe in the reference notes.
+const REPLAY_CAP: usize = 64 << 10;
+/// A slow client gets this long to deliver its body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Fields whose case-variants or duplicates would let the upstream read something other than
+/// what the gateway decided on.
+const DECISION_FIELDS: &[&str] = &[
+    "model",
+    "name",
+    "stream",
+    "options",
+    "stream_options",
+    "keep_alive",
+];
+
+/// What the gateway learned from a request body.
+#[derive(Debug, Clone)]
+pub struct ParsedBody {
+    pub model: String,
+    pub stream: Option<bool>,
+}
+
+/// Reads the whole request body, bounded by `limit`, leaving Pingora able to replay it.
+pub async fn read_whole(session: &mut Session, limit: usize) -> Result<Bytes, GatewayError> {
+    let chunked = session
+        .req_header()
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    let declared = if chunked {
+        None
+    } else {
+        declared_length(session)?
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let keepalive = session.get_keepalive();
+    if expects_continue {
+        session
+            .write_continue_response()
+            .await
+            .map_err(|_| GatewayError::BadRequest("client went away".into()))?;
+    }
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, read_loop(session, declared, limit)).await;
+    if expects_continue {
+        // Writing the 100 turned keep-alive off (response before body); the body is read now.
+        session.set_keepalive(keepalive);
+    }
+    read.map_err(|_| GatewayError::RequestTimeout)?
+}
+
+fn declared_length(session: &Session) -> Result<Option<usize>, GatewayError> {
+    match session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+    {
+        None => Ok(None),
+        Some(v) => std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| GatewayError::BadRequest("invalid Content-Length".into())),
+    }
+}
+
+async fn read_loop(
+    session: &mut Session,
+    declared: Option<usize>,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut total = 0usize;
+    let mut armed_at: Option<usize> = None;
+    loop {
+        // Arm retry buffering only for the last ≤ 64 KiB so Pingora's replay buffer is never
+        // truncated; its content only triggers `request_body_filter`, the bytes come from CTX.
+        if armed_at.is_none() && declared.is_none_or(|n| n.saturating_sub(total) <= REPLAY_CAP) {
+            session.enable_retry_buffering();
+            armed_at = Some(total);
+        }
+        let chunk = session
+            .read_request_body()
+            .await
+            .map_err(|_| GatewayError::BadRequest("request body could not be read".into()))?;
+        let Some(chunk) = chunk else { break };
+        total += chunk.len();
+        if total > limit {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+        if declared.is_none() && total > REPLAY_CAP {
+            return Err(GatewayError::LengthRequired);
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk),
+            earlier => {
+                if let Some(f) = earlier {
+                    buf.reserve(declared.unwrap_or(0).max(f.len() + chunk.len()));
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+    if total > 0 && !(armed_at.is_some_and(|a| total > a) && !session.retry_buffer_truncated()) {
+        // Pingora would not replay this body; failing beats hanging the upstream.
+        return Err(GatewayError::LengthRequired);
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// Top-level members in document order, duplicates kept (serde_json's `Map` would merge them).
+struct Members<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    out.push((k, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Parses a request body and extracts the model it names, refusing ambiguity.
+pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError> {
+    let bad = |m: &str| GatewayError::BadRequest(m.to_string());
+    let members: Members =
+        serde_json::from_slice(body).map_err(|_| bad("request body is not a valid JSON object"))?;
+    let mut seen: Vec<String> = Vec::with_capacity(members.0.len());
+    for (k, _) in &members.0 {
+        let folded = k.to_lowercase();
+        if seen.contains(&folded) {
+            return Err(bad(&format!("duplicate field `{k}` in request body")));
+        }
+        if DECISION_FIELDS.contains(&folded.as_str()) && k.as_ref() != folded {
+            return Err(bad(&format!("field `{k}` must be written in lower case")));
+        }
+        seen.push(folded);
+    }
+    let get = |name: &str| {
+        members
+            .0
+            .iter()
+            .find(|(k, _)| k.as_ref() == name)
+            .map(|(_, v)| *v)
+    };
+    let as_string = |name: &str, v: &RawValue| -> Result<Option<String>, GatewayError> {
+        match serde_json::from_str::<Option<String>>(v.get()) {
+            Ok(s) => Ok(s.filter(|s| !s.is_empty())),
+            Err(_) => Err(GatewayError::BadRequest(format!(
+                "`{name}` must be a string"
+            ))),
+        }
+    };
+    let model = get("model")
+        .map(|v| as_string("model", v))
+        .transpose()?
+        .flatten();
+    let name = match field {
+        ModelField::ModelOrName => get("name")
+            .map(|v| as_string("name", v))
+            .transpose()?
+            .flatten(),
+        ModelField::Model => None,
+    };
+    let model = match (model, name) {
+        (Some(m), Some(n)) if m != n => {
+            return Err(bad("`model` and `name` name different models"));
+        }
+        (Some(m), _) => m,
+        (None, Some(n)) => n,
+        (None, None) => return Err(bad("model is required")),
+    };
+    let stream = match get("stream") {
+        None => None,
+        Some(v) => serde_json::from_str::<Option<bool>>(v.get())
+            .map_err(|_| bad("`stream` must be a boolean"))?,
+    };
+    Ok(ParsedBody { model, stream })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_of(body: &str) -> Result<String, GatewayError> {
+        parse(body.as_bytes(), ModelField::Model).map(|p| p.model)
+    }
+
+    #[test]
+    fn reads_the_model() {
+        assert_eq!(
+            model_of(r#"{"model":"llama3.2","messages":[]}"#).unwrap(),
+            "llama3.2"
+        );
+        let p = parse(br#"{"model":"x","stream":false}"#, ModelField::Model).unwrap();
+        assert_eq!(p.stream, Some(false));
+    }
+
+    #[test]
+    fn refuses_every_ambiguity() {
+        for body in [
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":"a","MODEL":"b"}"#,
+            r#"{"Model":"b"}"#,
+            r#"{"model":"a","Stream":true}"#,
+            r#"{"model":"a","stream":true,"stream":false}"#,
+            r#"{"model":"a","messages":[],"Messages":[]}"#,
+        ] {
+            assert!(
+                matches!(model_of(body), Err(GatewayError::BadRequest(_))),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_shapes() {
+        for body in [
+            "",
+            "[]",
+            "null",
+            "{",
+            r#"{"model":5}"#,
+            r#"{"model":""}"#,
+            r#"{"messages":[]}"#,
+            r#"{"model":"a","stream":"yes"}"#,
+        ] {
+            assert!(model_of(body).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn show_falls_back_to_name_but_never_disagrees() {
+        let p = parse(br#"{"name":"llama3.2"}"#, ModelField::ModelOrName).unwrap();
+        assert_eq!(p.model, "llama3.2");
+        let p = parse(br#"{"model":"a","name":"a"}"#, ModelField::ModelOrName).unwrap();
+        assert_eq!(p.model, "a");
+        assert!(parse(br#"{"model":"a","name":"b"}"#, ModelField::ModelOrName).is_err());
+        assert!(parse(br#"{"model":"","name":"b"}"#, ModelField::ModelOrName).is_ok());
+        // `name` is not a model field on other routes.
+        assert!(parse(br#"{"name":"b"}"#, ModelField::Model).is_err());
+    }
+
+    #[test]
+    fn escaped_keys_are_compared_decoded() {
+        // "\u006dodel" is "model": a duplicate the raw bytes would hide.
+        assert!(model_of(r#"{"model":"a","\u006dodel":"b"}"#).is_err());
+    }
+}

@@ -1,0 +1,27 @@
+//! neuronetz-gateway: a secure, multi-tenant front door to Ollama on Pingora.
+//!
+//! Module map (one concern each): `settings` (typed configuration), `routes` (normalisation,
+//! route table, block list), `auth` (keys, Argon2, caches, throttle, client IP), `principal` and
+//! `models` (tenant→key inheritance, allow-list), `body` (bounded request body, model
+//! extraction), `listing` (filtered model listings), `upstream` (peers, header hygiene, probe),
+//! `proxy` (the `ProxyHttp` phases), `errors` and `respond` (every gateway-made response),
+//! `store` and `admin` (Postgres read path and operator changes), `cli` and `server`.
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod cli;
+pub mod cors;
+pub mod errors;
+pub mod listing;
+pub mod models;
+pub mod principal;
+pub mod proxy;
+pub mod readiness;
+pub mod request_id;
+pub mod respond;
+pub mod routes;
+pub mod server;
+pub mod settings;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,561 @@
+//! The gateway's `ProxyHttp`: one short method per Pingora phase, each delegating to the module
+//! named for its concern (SPEC §2).
+//!
+//! ```text
+//! request_filter            request id → path normalisation → mutation block (403, before auth)
+//!                           → CORS preflight → route table (404/405) → gateway endpoints
+//!                           → client IP → auth (401/429/503) → CIDR (403) → upstream slot (503)
+//!                           → body read + model allow-list (413/411/400/403) or /v1/models/{m} (404)
+//! upstream_peer             round-robin backend, next one after a connect failure
+//! upstream_request_filter   canonical path, strip client credentials + hop-by-hop, Host,
+//!                           upstream auth header, X-Request-ID, replayed body's Content-Length
+//! request_body_filter       the body held in the CTX goes upstream
+//! upstream_response_filter  listings: drop Content-Length (the body is rewritten)
+//! response_filter           X-Request-ID, CORS
+//! response_body_filter      streams pass untouched; listings are buffered and filtered
+//! fail_to_proxy             upstream faults → 502/504 in the caller's surface shape
+//! logging                   one line per request; the upstream slot is released with the CTX
+//! ```
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
+use crate::body;
+use crate::cors;
+use crate::errors::{GatewayError, Surface};
+use crate::listing::ListingBuffer;
+use crate::models::ModelName;
+use crate::principal::Principal;
+use crate::readiness::Readiness;
+use crate::request_id;
+use crate::respond::{self, ExtraHeaders};
+use crate::routes::{self, Route, RouteKind};
+use crate::settings::{Settings, UpstreamTarget};
+use crate::upstream::Upstreams;
+
+/// Everything the proxy shares across requests.
+pub struct AppState {
+    pub settings: Settings,
+    pub auth: Authenticator,
+    pub upstreams: Upstreams,
+    pub readiness: Readiness,
+    pub inflight: Arc<AtomicUsize>,
+}
+
+pub struct Gateway {
+    pub state: Arc<AppState>,
+}
+
+/// Per-request state: the one place it lives.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub surface: Surface,
+    pub route: Option<Route>,
+    pub path_and_query: String,
+    pub client_ip: Option<IpAddr>,
+    pub principal: Option<Arc<Principal>>,
+    pub body: Option<Bytes>,
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    pub target: Option<UpstreamTarget>,
+    pub attempt: usize,
+    pub listing: Option<ListingBuffer>,
+    pub upstream_slot: Option<UpstreamSlot>,
+    pub upstream_status: Option<u16>,
+    pub first_byte_at: Option<Instant>,
+    /// The gateway's own refusal, when it produced one (for `fail_to_proxy` and the log).
+    pub error: Option<GatewayError>,
+    pub cors: ExtraHeaders,
+}
+
+enum Admission {
+    Route(Route),
+    /// An `OPTIONS` preflight, answered before auth.
+    Preflight,
+}
+
+/// One of `UPSTREAM_MAX_INFLIGHT` slots, released when the CTX is dropped after `logging`.
+pub struct UpstreamSlot(Arc<AtomicUsize>);
+
+impl Drop for UpstreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Gateway {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    /// Sends the gateway's own error and marks the request as answered.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: GatewayError,
+    ) -> pingora::Result<bool> {
+        respond::error(
+            session,
+            &err,
+            ctx.surface,
+            &ctx.request_id,
+            ctx.cors.clone(),
+        )
+        .await?;
+        ctx.error = Some(err);
+        Ok(true)
+    }
+
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admission, GatewayError> {
+        let req = session.req_header();
+        let normalized = routes::normalize_path(req.uri.path())?;
+        ctx.surface = routes::surface_of(&normalized);
+        if routes::is_blocked(&normalized) {
+            return Err(GatewayError::MutationBlocked);
+        }
+        ctx.cors = cors::response_headers(&self.state.settings, req);
+        if req.method == http::Method::OPTIONS {
+            return Ok(Admission::Preflight);
+        }
+        let route = routes::classify(&req.method, &normalized)?;
+        ctx.path_and_query = match req.uri.query() {
+            Some(q) => format!("{}?{q}", route.path),
+            None => route.path.clone(),
+        };
+        Ok(Admission::Route(route))
+    }
+
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<Principal>, GatewayError> {
+        let req = session.req_header();
+        let forwarded: Vec<&str> = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.client_ip = client_ip(peer, &forwarded, &self.state.settings.trusted_proxies);
+        let token = bearer_token(
+            req.headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        );
+        let principal = match self.state.auth.authenticate(token, ctx.client_ip).await {
+            Ok(p) => p,
+            Err(AuthError::Rejected(reason)) => {
+                tracing::info!(request_id = %ctx.request_id, %reason, "authentication refused");
+                return Err(GatewayError::Unauthorized);
+            }
+            Err(AuthError::Throttled(retry_after)) => {
+                return Err(GatewayError::AuthThrottled { retry_after });
+            }
+            Err(AuthError::Unavailable) => {
+                return Err(GatewayError::Unavailable("authentication store"));
+            }
+        };
+        if !principal.admits_ip(ctx.client_ip) {
+            return Err(GatewayError::SourceNotAllowed);
+        }
+        Ok(principal)
+    }
+
+    fn take_upstream_slot(&self) -> Result<UpstreamSlot, GatewayError> {
+        let inflight = &self.state.inflight;
+        let before = inflight.fetch_add(1, Ordering::Relaxed);
+        let slot = UpstreamSlot(inflight.clone());
+        if before >= self.state.settings.upstream_max_inflight {
+            return Err(GatewayError::UpstreamSaturated);
+        }
+        Ok(slot)
+    }
+
+    /// Reads the body where the route names a model and enforces the allow-list.
+    async fn check_model(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        principal: &Principal,
+    ) -> Result<(), GatewayError> {
+        if let RouteKind::V1Model(model) = &route.kind {
+            return match ModelName::parse(model) {
+                Some(m) if principal.models.permits(&m) => Ok(()),
+                _ => Err(GatewayError::ModelNotFound(truncate(model))),
+            };
+        }
+        let Some(field) = route.model_field() else {
+            return Ok(());
+        };
+        if session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() != b"identity")
+        {
+            return Err(GatewayError::UnsupportedMediaType);
+        }
+        let bytes = body::read_whole(session, self.state.settings.max_request_body_bytes).await?;
+        let parsed = body::parse(&bytes, field)?;
+        let name = ModelName::parse(&parsed.model)
+            .ok_or_else(|| GatewayError::BadRequest("invalid model name".into()))?;
+        if !principal.models.permits(&name) {
+            return Err(GatewayError::ModelNotAllowed(truncate(&parsed.model)));
+        }
+        ctx.model = Some(parsed.model);
+        ctx.stream = parsed.stream;
+        ctx.body = Some(bytes);
+        Ok(())
+    }
+
+    async fn serve_gateway_endpoint(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        kind: &RouteKind,
+    ) -> pingora::Result<bool> {
+        match kind {
+            RouteKind::Healthz => {
+                respond::json(
+                    session,
+                    200,
+                    Bytes::from_static(br#"{"status":"ok"}"#),
+                    &ctx.request_id,
+                    &ctx.cors,
+                )
+                .await?;
+            }
+            RouteKind::Root => {
+                // Ollama clients probe `/` and some compare the text.
+                respond::write(
+                    session,
+                    200,
+                    "text/plain; charset=utf-8",
+                    Bytes::from_static(b"Ollama is running"),
+                    &ctx.request_id,
+                    &ctx.cors,
+                )
+                .await?;
+            }
+            _ => {
+                let report = self.state.readiness.check(&self.state.upstreams).await;
+                respond::json(
+                    session,
+                    report.status(),
+                    report.body(),
+                    &ctx.request_id,
+                    &ctx.cors,
+                )
+                .await?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// Maps a Pingora error to the gateway error the client sees; `None` when the client is gone.
+fn classify_proxy_error(e: &Error) -> Option<GatewayError> {
+    if e.esource() == &ErrorSource::Downstream {
+        return None;
+    }
+    Some(match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            GatewayError::UpstreamTimeout
+        }
+        ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError
+        | ErrorType::SocketError => GatewayError::UpstreamUnreachable,
+        _ if e.esource() == &ErrorSource::Upstream => GatewayError::UpstreamProtocol,
+        _ => GatewayError::Internal,
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            request_id: String::new(),
+            started: Instant::now(),
+            surface: Surface::Native,
+            route: None,
+            path_and_query: String::new(),
+            client_ip: None,
+            principal: None,
+            body: None,
+            model: None,
+            stream: None,
+            target: None,
+            attempt: 0,
+            listing: None,
+            upstream_slot: None,
+            upstream_status: None,
+            first_byte_at: None,
+            error: None,
+            cors: Vec::new(),
+        }
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<bool> {
+        ctx.started = Instant::now();
+        ctx.request_id = request_id::accept_or_mint(
+            session
+                .req_header()
+                .headers
+                .get("x-request-id")
+                .map(|v| v.as_bytes()),
+        );
+        let route = match self.admit(session, ctx).await {
+            Ok(Admission::Route(route)) => route,
+            Ok(Admission::Preflight) => {
+                if let Err(e) = cors::check_preflight(&self.state.settings, session.req_header()) {
+                    return self.refuse(session, ctx, e).await;
+                }
+                cors::write_preflight(session, &self.state.settings, &ctx.request_id).await?;
+                return Ok(true);
+            }
+            Err(e) => return self.refuse(session, ctx, e).await,
+        };
+        if route.is_gateway_endpoint() {
+            let kind = route.kind.clone();
+            ctx.route = Some(route);
+            return self.serve_gateway_endpoint(session, ctx, &kind).await;
+        }
+        ctx.route = Some(route.clone());
+        let principal = match self.authenticate(session, ctx).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse(session, ctx, e).await,
+        };
+        ctx.principal = Some(principal.clone());
+        match self.take_upstream_slot() {
+            Ok(slot) => ctx.upstream_slot = Some(slot),
+            Err(e) => return self.refuse(session, ctx, e).await,
+        }
+        if let Err(e) = self.check_model(session, ctx, &route, &principal).await {
+            return self.refuse(session, ctx, e).await;
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let target = self.state.upstreams.pick(ctx.attempt).clone();
+        let peer = self.state.upstreams.peer(&target);
+        ctx.target = Some(target);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the backend yet, so trying the next one is safe even for POST.
+        ctx.attempt += 1;
+        e.set_retry(ctx.attempt < self.state.upstreams.len());
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<()> {
+        let Some(target) = ctx.target.as_ref() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no upstream chosen",
+            ));
+        };
+        self.state.upstreams.prepare_request(
+            upstream_request,
+            target,
+            &ctx.path_and_query,
+            &ctx.request_id,
+        )?;
+        if let Some(body) = &ctx.body {
+            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<()> {
+        if let Some(held) = &ctx.body {
+            // A refcount clone, not a copy; Pingora's replay buffer only triggered this call.
+            *body = Some(if end_of_stream {
+                held.clone()
+            } else {
+                Bytes::new()
+            });
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        ctx.first_byte_at.get_or_insert_with(Instant::now);
+        let is_listing = ctx.route.as_ref().and_then(Route::listing).is_some();
+        if is_listing && status == 200 && session.req_header().method != http::Method::HEAD {
+            upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+            ctx.listing = Some(ListingBuffer::default());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<()> {
+        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        for (k, v) in &ctx.cors {
+            upstream_response.insert_header(k.clone(), v.clone())?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<Option<Duration>> {
+        let Some(buffer) = ctx.listing.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body.take()
+            && buffer.push(&chunk).is_err()
+        {
+            tracing::warn!(request_id = %ctx.request_id, "upstream listing too large; answering an empty list");
+        }
+        if end_of_stream {
+            let (Some(route), Some(principal)) = (ctx.route.as_ref(), ctx.principal.as_ref())
+            else {
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "listing without route or principal",
+                ));
+            };
+            let kind = route.listing().unwrap_or(routes::Listing::OllamaModels);
+            let filtered = buffer.finish(kind, &principal.models).unwrap_or_else(|e| {
+                tracing::warn!(request_id = %ctx.request_id, error = %e, "upstream listing unusable; answering an empty list");
+                crate::listing::empty(kind)
+            });
+            *body = Some(filtered);
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let err = match ctx.error.clone() {
+            Some(own) => Some(own),
+            None => classify_proxy_error(e),
+        };
+        let Some(err) = err else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let code = err.status();
+        if session.response_written().is_none() {
+            if let Err(write_err) = respond::error(
+                session,
+                &err,
+                ctx.surface,
+                &ctx.request_id,
+                ctx.cors.clone(),
+            )
+            .await
+            {
+                tracing::debug!(request_id = %ctx.request_id, error = %write_err, "could not send the error response");
+            }
+        }
+        ctx.error = Some(err);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let client_gone = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
+        let route = ctx.route.as_ref().map_or("-", Route::label);
+        let principal = ctx.principal.as_deref();
+        tracing::info!(
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            route,
+            status,
+            upstream_status = ctx.upstream_status,
+            error_code = ctx.error.as_ref().map(GatewayError::code),
+            client_gone,
+            tenant = principal.map(|p| p.tenant_name.as_str()),
+            key_prefix = principal.map(|p| p.key_prefix.as_str()),
+            model = ctx.model.as_deref(),
+            client_ip = ctx.client_ip.map(|ip| ip.to_string()),
+            ttfb_ms = ctx.first_byte_at.map(|t| (t - ctx.started).as_secs_f64() * 1e3),
+            latency_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        );
+    }
+}

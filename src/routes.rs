@@ -1,0 +1,366 @@
+//! Path normalisation and the route table (SPEC §7).
+//!
+//! Deny by default: only the paths below are forwarded, always under the canonical path they
+//! matched (never the raw one). The mutation block list is checked case-insensitively on the
+//! normalised path before anything else, so no encoding, case or dot-segment trick reaches the
+//! upstream's lenient router.
+
+use http::Method;
+
+use crate::errors::{GatewayError, Surface};
+
+/// What the gateway does with a request, decided from its method and normalised path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteKind {
+    Healthz,
+    Readyz,
+    Root,
+    ApiChat,
+    ApiGenerate,
+    ApiEmbed,
+    ApiEmbeddings,
+    ApiShow,
+    ApiTags,
+    ApiPs,
+    ApiVersion,
+    V1ChatCompletions,
+    V1Completions,
+    V1Embeddings,
+    V1Responses,
+    V1Models,
+    /// `/v1/models/{model}`: the model comes from the path, not a body.
+    V1Model(String),
+}
+
+/// How a route's model is named in its JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelField {
+    /// `model` only.
+    Model,
+    /// `model`, falling back to `name` (Ollama's `/api/show`).
+    ModelOrName,
+}
+
+/// A listing the gateway filters to the caller's effective models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// `{"models": [{"name", "model", ...}]}` (`/api/tags`, `/api/ps`).
+    OllamaModels,
+    /// `{"object": "list", "data": [{"id", ...}]}` (`/v1/models`).
+    OpenAiModels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub kind: RouteKind,
+    /// The canonical path forwarded upstream.
+    pub path: String,
+    pub surface: Surface,
+}
+
+impl Route {
+    /// Gateway-own endpoints answer without auth and never go upstream.
+    pub fn is_gateway_endpoint(&self) -> bool {
+        matches!(
+            self.kind,
+            RouteKind::Healthz | RouteKind::Readyz | RouteKind::Root
+        )
+    }
+
+    pub fn model_field(&self) -> Option<ModelField> {
+        use RouteKind::*;
+        match self.kind {
+            ApiChat | ApiGenerate | ApiEmbed | ApiEmbeddings | V1ChatCompletions
+            | V1Completions | V1Embeddings | V1Responses => Some(ModelField::Model),
+            ApiShow => Some(ModelField::ModelOrName),
+            _ => None,
+        }
+    }
+
+    pub fn listing(&self) -> Option<Listing> {
+        match self.kind {
+            RouteKind::ApiTags | RouteKind::ApiPs => Some(Listing::OllamaModels),
+            RouteKind::V1Models => Some(Listing::OpenAiModels),
+            _ => None,
+        }
+    }
+
+    /// A short stable label for logs and metrics (never the raw path).
+    pub fn label(&self) -> &'static str {
+        use RouteKind::*;
+        match self.kind {
+            Healthz => "/healthz",
+            Readyz => "/readyz",
+            Root => "/",
+            ApiChat => "/api/chat",
+            ApiGenerate => "/api/generate",
+            ApiEmbed => "/api/embed",
+            ApiEmbeddings => "/api/embeddings",
+            ApiShow => "/api/show",
+            ApiTags => "/api/tags",
+            ApiPs => "/api/ps",
+            ApiVersion => "/api/version",
+            V1ChatCompletions => "/v1/chat/completions",
+            V1Completions => "/v1/completions",
+            V1Embeddings => "/v1/embeddings",
+            V1Responses => "/v1/responses",
+            V1Models => "/v1/models",
+            V1Model(_) => "/v1/models/{model}",
+        }
+    }
+}
+
+/// Paths that change server state or act with the server's ollama.com identity. Always 403,
+/// any method, before auth; not configurable. Compared case-insensitively, and a path under one
+/// of them (`/api/blobs/sha256:..`) is blocked too.
+const BLOCKED: &[&str] = &[
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/blobs",
+    "/api/me",
+    "/api/signout",
+    "/api/user/keys",
+    "/api/experimental/web_search",
+    "/api/experimental/web_fetch",
+    "/api/web_search",
+    "/api/web_fetch",
+];
+
+/// The surface of a path, for errors decided before a route is known.
+pub fn surface_of(path: &str) -> Surface {
+    let lower = path.trim_start_matches('/');
+    if lower.len() >= 2
+        && lower[..2].eq_ignore_ascii_case("v1")
+        && (lower.len() == 2 || lower.as_bytes()[2] == b'/')
+    {
+        Surface::OpenAi
+    } else {
+        Surface::Native
+    }
+}
+
+/// Normalises a raw request path (no query): one percent-decoding, `//` collapsed, `.` and `..`
+/// resolved, trailing slash removed. Refuses what has no business in an API path: encoded
+/// slashes or backslashes, NUL and control bytes, backslashes, double encoding, invalid UTF-8.
+pub fn normalize_path(raw: &str) -> Result<String, GatewayError> {
+    let bad = |why: &str| GatewayError::BadRequest(format!("invalid request path: {why}"));
+    if !raw.starts_with('/') {
+        return Err(bad("must start with /"));
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or_else(|| bad("truncated escape"))?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16)
+                .map_err(|_| bad("malformed escape"))?;
+            if v == b'/' || v == b'\\' {
+                return Err(bad("encoded slash"));
+            }
+            decoded.push(v);
+            i += 3;
+        } else {
+            decoded.push(b);
+            i += 1;
+        }
+    }
+    if decoded.iter().any(|&b| b < 0x20 || b == 0x7f || b == b'\\') {
+        return Err(bad("control byte or backslash"));
+    }
+    if decoded.contains(&b'%') {
+        // No route contains '%': a second layer of encoding is only ever an evasion attempt.
+        return Err(bad("double encoding"));
+    }
+    let text = String::from_utf8(decoded).map_err(|_| bad("not UTF-8"))?;
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// True when the normalised path is, or is under, a blocked mutation/account endpoint.
+pub fn is_blocked(normalized: &str) -> bool {
+    BLOCKED.iter().any(|blocked| {
+        normalized.len() >= blocked.len()
+            && normalized[..blocked.len()].eq_ignore_ascii_case(blocked)
+            && (normalized.len() == blocked.len() || normalized.as_bytes()[blocked.len()] == b'/')
+    })
+}
+
+/// Classifies a request on its normalised path. Matching is case-sensitive like Ollama's router.
+pub fn classify(method: &Method, normalized: &str) -> Result<Route, GatewayError> {
+    use RouteKind::*;
+    let get_head: &[Method] = &[Method::GET, Method::HEAD];
+    let get: &[Method] = &[Method::GET];
+    let post: &[Method] = &[Method::POST];
+    let (kind, allowed) = match normalized {
+        "/healthz" => (Healthz, get_head),
+        "/readyz" => (Readyz, get_head),
+        "/" => (Root, get_head),
+        "/api/chat" => (ApiChat, post),
+        "/api/generate" => (ApiGenerate, post),
+        "/api/embed" => (ApiEmbed, post),
+        "/api/embeddings" => (ApiEmbeddings, post),
+        "/api/show" => (ApiShow, post),
+        "/api/tags" => (ApiTags, get_head),
+        "/api/ps" => (ApiPs, get),
+        "/api/version" => (ApiVersion, get_head),
+        "/v1/chat/completions" => (V1ChatCompletions, post),
+        "/v1/completions" => (V1Completions, post),
+        "/v1/embeddings" => (V1Embeddings, post),
+        "/v1/responses" => (V1Responses, post),
+        "/v1/models" => (V1Models, get),
+        other => match other.strip_prefix("/v1/models/") {
+            // One segment only, as in Ollama's router.
+            Some(model) if !model.is_empty() && !model.contains('/') => {
+                (V1Model(model.to_string()), get)
+            }
+            _ => return Err(GatewayError::RouteNotFound),
+        },
+    };
+    if !allowed.contains(method) {
+        return Err(GatewayError::MethodNotAllowed);
+    }
+    Ok(Route {
+        surface: surface_of(normalized),
+        path: normalized.to_string(),
+        kind,
+    })
+}
+
+/// Every forwarded route kind, for the route-coverage test.
+pub fn forwarded_paths() -> Vec<(&'static str, Method)> {
+    vec![
+        ("/api/chat", Method::POST),
+        ("/api/generate", Method::POST),
+        ("/api/embed", Method::POST),
+        ("/api/embeddings", Method::POST),
+        ("/api/show", Method::POST),
+        ("/api/tags", Method::GET),
+        ("/api/ps", Method::GET),
+        ("/api/version", Method::GET),
+        ("/v1/chat/completions", Method::POST),
+        ("/v1/completions", Method::POST),
+        ("/v1/embeddings", Method::POST),
+        ("/v1/responses", Method::POST),
+        ("/v1/models", Method::GET),
+        ("/v1/models/llama3.2", Method::GET),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_dots_slashes_and_escapes() {
+        let cases = [
+            ("/api/chat", "/api/chat"),
+            ("//api//chat/", "/api/chat"),
+            ("/api/./chat", "/api/chat"),
+            ("/x/../api/chat", "/api/chat"),
+            ("/../../api/chat", "/api/chat"),
+            ("/api/%63hat", "/api/chat"),
+            ("/", "/"),
+            ("//", "/"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_path(raw).unwrap(), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn refuses_evasions() {
+        for raw in [
+            "/api%2fpull",
+            "/api%2Fpull",
+            "/api%5cpull",
+            "/api\\pull",
+            "/api/pull%00",
+            "/api/pu%256cl",
+            "/api/chat%",
+            "/api/chat%zz",
+            "/api/\x01chat",
+            "/api/%ff",
+            "api/chat",
+        ] {
+            assert!(normalize_path(raw).is_err(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn block_list_is_case_insensitive_and_covers_subpaths() {
+        for p in [
+            "/api/pull",
+            "/API/PULL",
+            "/api/Pull",
+            "/api/blobs/sha256:abc",
+            "/api/delete",
+            "/api/user/keys/abc",
+            "/api/experimental/web_search",
+            "/api/me",
+        ] {
+            assert!(is_blocked(p), "{p}");
+        }
+        for p in ["/api/pulls", "/api/chat", "/api/meta", "/api/show"] {
+            assert!(!is_blocked(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn classification_is_case_sensitive_and_deny_by_default() {
+        assert_eq!(
+            classify(&Method::POST, "/api/chat").unwrap().kind,
+            RouteKind::ApiChat
+        );
+        assert!(matches!(
+            classify(&Method::POST, "/API/chat"),
+            Err(GatewayError::RouteNotFound)
+        ));
+        assert!(matches!(
+            classify(&Method::GET, "/api/chat"),
+            Err(GatewayError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            classify(&Method::GET, "/api/unknown"),
+            Err(GatewayError::RouteNotFound)
+        ));
+        assert!(matches!(
+            classify(&Method::GET, "/v1/models/a/b"),
+            Err(GatewayError::RouteNotFound)
+        ));
+        let r = classify(&Method::GET, "/v1/models/llama3.2").unwrap();
+        assert_eq!(r.kind, RouteKind::V1Model("llama3.2".into()));
+        assert_eq!(r.surface, Surface::OpenAi);
+    }
+
+    #[test]
+    fn every_forwarded_path_classifies() {
+        for (path, method) in forwarded_paths() {
+            let r = classify(&method, path).unwrap();
+            assert!(!r.is_gateway_endpoint());
+        }
+    }
+}

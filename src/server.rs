@@ -1,0 +1,147 @@
+//! `serve`: builds the shared state and wires the Pingora server (proxy service plus the
+//! background service that owns the Redis connection).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use async_trait::async_trait;
+use fred::prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy};
+use pingora::server::configuration::Opt;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::Authenticator;
+use crate::auth::cache::{DigestKey, PrincipalCache};
+use crate::auth::hasher::KeyHasher;
+use crate::proxy::{AppState, Gateway};
+use crate::readiness::Readiness;
+use crate::settings::Settings;
+use crate::store::{self, Store};
+use crate::upstream::Upstreams;
+
+pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::Result<()> {
+    let db_url = settings.require_database_url()?.clone();
+    if !no_migrate {
+        run_migrations(&db_url)?;
+    }
+    let store = Arc::new(Store::new(&db_url, settings.database_max_connections)?);
+    let redis = settings
+        .redis_url
+        .as_ref()
+        .map(|url| redis_client(url, &settings))
+        .transpose()?;
+    let secret = match &settings.key_cache_secret {
+        Some(s) => s.clone(),
+        None => {
+            tracing::warn!(
+                "KEY_CACHE_SECRET is not set: using a per-process secret (fine for one instance; set it for several)"
+            );
+            random_secret()?
+        }
+    };
+    let hasher = Arc::new(KeyHasher::new(&settings.argon2)?);
+    let cache = Arc::new(PrincipalCache::new(
+        settings.key_cache_ttl,
+        settings.negative_cache_ttl,
+        redis.clone(),
+    ));
+    let auth = Authenticator::new(
+        DigestKey::new(&secret),
+        cache,
+        hasher,
+        store.clone(),
+        settings.auth_failure_limit_per_min,
+    );
+    let upstreams = Upstreams::new(&settings)?;
+    let readiness = Readiness::new(store.clone(), redis.clone());
+    let listen = settings.listen_addr.to_string();
+    let state = Arc::new(AppState {
+        settings,
+        auth,
+        upstreams,
+        readiness,
+        inflight: Arc::new(AtomicUsize::new(0)),
+    });
+
+    let mut server =
+        Server::new(Some(pingora_opt)).map_err(|e| anyhow::anyhow!("pingora conf: {e}"))?;
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(state),
+        "neuronetz-gateway",
+    );
+    proxy.add_tcp(&listen);
+    if let Some(client) = redis {
+        server.add_service(background_service(
+            "redis-connection",
+            RedisConnection { client },
+        ));
+    }
+    server.add_service(proxy);
+    tracing::info!(listen = %listen, "neuronetz-gateway serving");
+    server.run(RunArgs::default());
+    Ok(())
+}
+
+fn run_migrations(url: &SecretString) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let pool = store::connect_now(url).await?;
+        store::migrate(&pool).await?;
+        pool.close().await;
+        Ok::<_, store::StoreError>(())
+    })?;
+    Ok(())
+}
+
+fn random_secret() -> anyhow::Result<SecretString> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|_| anyhow::anyhow!("system RNG unavailable"))?;
+    Ok(SecretString::from(hex::encode(bytes)))
+}
+
+/// A Redis client whose commands fail after `REDIS_TIMEOUT_MS` instead of queueing while the
+/// server is away, so the request path can fall back or fail closed quickly.
+fn redis_client(url: &SecretString, settings: &Settings) -> anyhow::Result<Client> {
+    let mut config = Config::from_url(url.expose_secret())
+        .map_err(|_| anyhow::anyhow!("invalid setting REDIS_URL: not a redis:// URL"))?;
+    config.fail_fast = true;
+    let timeout = settings.redis_timeout;
+    let client = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout.max(std::time::Duration::from_millis(500));
+            c.internal_command_timeout = timeout.max(std::time::Duration::from_millis(500));
+            c.max_command_attempts = 1;
+        })
+        .set_policy(ReconnectPolicy::new_constant(0, 500))
+        .build()?;
+    Ok(client)
+}
+
+/// Owns the Redis connection task on its own runtime; the proxy's runtimes talk to it through
+/// the client's channels. Started as a service so it survives Pingora's daemon fork.
+struct RedisConnection {
+    client: Client,
+}
+
+#[async_trait]
+impl BackgroundService for RedisConnection {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _task = self.client.connect();
+        if let Err(e) = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.client.wait_for_connect(),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "redis not reachable yet; the key cache works without it and will reconnect");
+        }
+        let _ = shutdown.changed().await;
+        let _ = self.client.quit().await;
+    }
+}

@@ -1,0 +1,284 @@
+//! The Ollama side: peers, upstream header hygiene and the auth header the gateway injects,
+//! plus a small prober (`/readyz`, `probe-ollama`) that uses Pingora's own HTTP connector so
+//! it speaks to the upstream exactly as the proxy does.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::HeaderValue;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::upstreams::peer::HttpPeer;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::settings::{Settings, UpstreamTarget};
+
+/// Request headers never forwarded: the client's credentials, compression negotiation (the
+/// body filters read plain bytes) and hop-by-hop headers (RFC 9110 §7.6.1).
+const STRIPPED: &[&str] = &[
+    "authorization",
+    "cookie",
+    "accept-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
+pub struct Upstreams {
+    targets: Vec<UpstreamTarget>,
+    next: AtomicUsize,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    auth_header: http::HeaderName,
+    /// The complete header value, built once; `None` when no upstream token is configured.
+    auth_value: Option<HeaderValue>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamConfigError {
+    #[error("invalid setting OLLAMA_AUTH_TOKEN: not a valid header value")]
+    BadToken,
+}
+
+impl Upstreams {
+    pub fn new(settings: &Settings) -> Result<Self, UpstreamConfigError> {
+        let auth_value = settings
+            .upstream_auth_token
+            .as_ref()
+            .map(|t| auth_header_value(&settings.upstream_auth_scheme, t))
+            .transpose()?;
+        Ok(Self {
+            targets: settings.upstreams.clone(),
+            next: AtomicUsize::new(0),
+            connect_timeout: settings.upstream_connect_timeout,
+            read_timeout: settings.upstream_read_timeout,
+            auth_header: settings.upstream_auth_header.clone(),
+            auth_value,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.auth_value.is_some()
+    }
+
+    /// Round-robin start, then the next backend on each retry after a connect failure.
+    pub fn pick(&self, attempt: usize) -> &UpstreamTarget {
+        let start = if attempt == 0 {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.next.load(Ordering::Relaxed).wrapping_sub(1)
+        };
+        &self.targets[(start.wrapping_add(attempt)) % self.targets.len()]
+    }
+
+    pub fn targets(&self) -> &[UpstreamTarget] {
+        &self.targets
+    }
+
+    pub fn peer(&self, target: &UpstreamTarget) -> HttpPeer {
+        let mut peer = HttpPeer::new((target.host.as_str(), target.port), false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.connect_timeout);
+        // Per read, response headers included: a first token can take minutes while a model loads.
+        peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.write_timeout = Some(self.read_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer
+    }
+
+    /// Rewrites the client's request into what Ollama receives.
+    pub fn prepare_request(
+        &self,
+        req: &mut RequestHeader,
+        target: &UpstreamTarget,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        if let Ok(uri) = path_and_query.parse::<http::Uri>() {
+            req.set_uri(uri);
+        }
+        strip_client_headers(req);
+        req.insert_header(http::header::HOST, target.host_header())?;
+        if let Some(value) = &self.auth_value {
+            req.insert_header(self.auth_header.clone(), value.clone())?;
+        }
+        req.insert_header("x-request-id", request_id)?;
+        Ok(())
+    }
+
+    /// GET `path` with the configured auth, for readiness checks and `probe-ollama`.
+    pub async fn probe(
+        &self,
+        target: &UpstreamTarget,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<ProbeResponse, ProbeError> {
+        tokio::time::timeout(timeout, self.probe_inner(target, path))
+            .await
+            .map_err(|_| ProbeError::Timeout)?
+    }
+
+    async fn probe_inner(
+        &self,
+        target: &UpstreamTarget,
+        path: &str,
+    ) -> Result<ProbeResponse, ProbeError> {
+        let connector = Connector::new(None);
+        let peer = self.peer(target);
+        let (mut session, _reused) = connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| ProbeError::Transport(e.etype().as_str().to_string()))?;
+        let mut req =
+            RequestHeader::build("GET", path.as_bytes(), None).map_err(|_| ProbeError::Protocol)?;
+        self.prepare_request(&mut req, target, path, "probe")
+            .map_err(|_| ProbeError::Protocol)?;
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| ProbeError::Transport(e.etype().as_str().to_string()))?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| ProbeError::Transport(e.etype().as_str().to_string()))?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| ProbeError::Transport(e.etype().as_str().to_string()))?;
+        let status = session
+            .response_header()
+            .map(|h| h.status.as_u16())
+            .ok_or(ProbeError::Protocol)?;
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session
+            .read_response_body()
+            .await
+            .map_err(|e| ProbeError::Transport(e.etype().as_str().to_string()))?
+        {
+            if body.len() + chunk.len() > 4 << 20 {
+                return Err(ProbeError::Protocol);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(ProbeResponse {
+            status,
+            body: body.freeze(),
+        })
+    }
+}
+
+pub struct ProbeResponse {
+    pub status: u16,
+    pub body: bytes::Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("transport error: {0}")]
+    Transport(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("unexpected response")]
+    Protocol,
+}
+
+fn auth_header_value(
+    scheme: &str,
+    token: &SecretString,
+) -> Result<HeaderValue, UpstreamConfigError> {
+    let raw = if scheme.is_empty() {
+        token.expose_secret().to_string()
+    } else {
+        format!("{scheme} {}", token.expose_secret())
+    };
+    let mut value = HeaderValue::from_str(&raw).map_err(|_| UpstreamConfigError::BadToken)?;
+    // Keeps the value out of HPACK tables and debug dumps that honour the flag.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Removes the client's credentials and hop-by-hop headers, including any header the client
+/// named in `Connection` (RFC 9110 §7.6.1).
+pub fn strip_client_headers(req: &mut RequestHeader) {
+    let named: Vec<String> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in STRIPPED
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        // Never let the client's `Connection` list drop what the gateway itself needs.
+        if matches!(
+            name,
+            "host" | "content-length" | "transfer-encoding" | "x-request-id"
+        ) {
+            continue;
+        }
+        while req.remove_header(name).is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_credentials_and_hop_by_hop() {
+        let mut req = RequestHeader::build("POST", b"/api/chat", None).unwrap();
+        for (k, v) in [
+            ("authorization", "Bearer nz_client"),
+            ("cookie", "a=b"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("accept-encoding", "gzip"),
+            ("te", "trailers"),
+            ("user-agent", "ua"),
+            ("content-type", "application/json"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        strip_client_headers(&mut req);
+        for gone in [
+            "authorization",
+            "cookie",
+            "connection",
+            "x-secret-hop",
+            "accept-encoding",
+            "te",
+        ] {
+            assert!(req.headers.get(gone).is_none(), "{gone}");
+        }
+        assert!(req.headers.get("user-agent").is_some());
+        assert!(req.headers.get("content-type").is_some());
+    }
+
+    #[test]
+    fn scheme_is_optional() {
+        let t = SecretString::from("tok".to_string());
+        assert_eq!(auth_header_value("Bearer", &t).unwrap(), "Bearer tok");
+        assert_eq!(auth_header_value("", &t).unwrap(), "tok");
+        assert!(auth_header_value("Bearer", &SecretString::from("a\nb".to_string())).is_err());
+    }
+}
