@@ -385,8 +385,10 @@ impl Admin<'_> {
 }
 
 fn validate_models(models: Vec<String>) -> Result<Vec<String>, AdminError> {
+    // `--models ""` means an empty list (no models), not a model named "".
     models
         .into_iter()
+        .filter(|m| !m.trim().is_empty())
         .map(|m| match ModelName::parse(&m) {
             Some(_) => Ok(m.trim().to_string()),
             None => Err(invalid("model name", m)),

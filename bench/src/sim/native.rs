@@ -624,20 +624,44 @@ fn model_or_name(f: &Fields) -> Result<String, Fail> {
     Ok(f.string_or_empty("name")?)
 }
 
+/// One progress line of pull/push/create, in Go's field order.
+#[derive(Serialize)]
+struct Progress {
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completed: Option<u64>,
+}
+
+impl Progress {
+    fn status(status: impl Into<String>) -> Progress {
+        Progress {
+            status: status.into(),
+            digest: None,
+            total: None,
+            completed: None,
+        }
+    }
+}
+
 /// The progress-stream endpoints (pull/push/create): NDJSON status lines
 /// ending in `success`, or just the success object when `stream:false`.
-fn progress(ctx: &Ctx<'_>, statuses: Vec<serde_json::Value>) -> Resp {
+fn progress(ctx: &Ctx<'_>, statuses: Vec<Progress>) -> Resp {
     let r: Result<Resp, Fail> = (|| {
         let f = parse(ctx)?;
         let name = model_or_name(&f)?;
         if name.trim().is_empty() {
             return Err(Fail::bad("model is required"));
         }
+        let success = Progress::status("success");
         if f.ptr_bool("stream")? == Some(false) {
-            return Ok(respond::json(StatusCode::OK, &json!({"status": "success"})));
+            return Ok(respond::json(StatusCode::OK, &success));
         }
         let mut lines: Vec<Bytes> = statuses.iter().map(respond::ndjson_line).collect();
-        lines.push(respond::ndjson_line(&json!({"status": "success"})));
+        lines.push(respond::ndjson_line(&success));
         let (body, writer) = SimBody::channel(ctx.knobs.delay);
         tokio::spawn(async move {
             for (i, line) in lines.into_iter().enumerate() {
@@ -653,14 +677,20 @@ fn progress(ctx: &Ctx<'_>, statuses: Vec<serde_json::Value>) -> Resp {
 
 pub fn pull(ctx: &Ctx<'_>) -> Resp {
     let digest = super::catalog::digest("pulled");
+    let layer = |completed| Progress {
+        status: format!("pulling {}", &digest[..12]),
+        digest: Some(format!("sha256:{digest}")),
+        total: Some(1024),
+        completed: Some(completed),
+    };
     progress(
         ctx,
         vec![
-            json!({"status": "pulling manifest"}),
-            json!({"status": format!("pulling {}", &digest[..12]), "digest": format!("sha256:{digest}"), "total": 1024, "completed": 512}),
-            json!({"status": format!("pulling {}", &digest[..12]), "digest": format!("sha256:{digest}"), "total": 1024, "completed": 1024}),
-            json!({"status": "verifying sha256 digest"}),
-            json!({"status": "writing manifest"}),
+            Progress::status("pulling manifest"),
+            layer(512),
+            layer(1024),
+            Progress::status("verifying sha256 digest"),
+            Progress::status("writing manifest"),
         ],
     )
 }
@@ -669,8 +699,8 @@ pub fn push(ctx: &Ctx<'_>) -> Resp {
     progress(
         ctx,
         vec![
-            json!({"status": "retrieving manifest"}),
-            json!({"status": "pushing manifest"}),
+            Progress::status("retrieving manifest"),
+            Progress::status("pushing manifest"),
         ],
     )
 }
@@ -679,8 +709,8 @@ pub fn create(ctx: &Ctx<'_>) -> Resp {
     progress(
         ctx,
         vec![
-            json!({"status": "gathering model components"}),
-            json!({"status": "writing manifest"}),
+            Progress::status("gathering model components"),
+            Progress::status("writing manifest"),
         ],
     )
 }

@@ -1,0 +1,401 @@
+//! Test harness: real Postgres and Redis (private instances started by `scripts/test`, or by a
+//! test itself), the project's Ollama simulator and the real `neuronetz-gateway` binary, all on
+//! loopback. A missing prerequisite fails loudly; nothing is skipped.
+#![allow(dead_code)]
+
+pub mod http;
+pub mod tcp_fault;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const UPSTREAM_TOKEN: &str = "upstream-secret-token-7f3a9c";
+pub const SIM_CHUNKS: usize = 8;
+
+pub fn require_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests through ./scripts/test, which starts private Postgres and Redis")
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// target/debug, found from this test executable (target/debug/deps/<test>).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn gateway_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_neuronetz-gateway"))
+}
+
+/// A new empty database on the shared private Postgres; returns its URL.
+pub fn fresh_database() -> String {
+    let admin = require_env("NZ_TEST_DATABASE_URL");
+    let name = format!("nz_{}", uuid::Uuid::new_v4().simple());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&admin)
+            .await
+            .expect("connect to the test postgres");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
+        pool.close().await;
+    });
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .expect("database url");
+    format!("{base}/{name}")
+}
+
+/// Runs SQL against a test database (for changes the separate console would make).
+pub fn sql(db_url: &str, statement: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(db_url).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_string()))
+            .execute(&pool)
+            .await
+            .expect("sql");
+        pool.close().await;
+    });
+}
+
+pub fn sql_scalar_i64(db_url: &str, statement: &str) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(db_url).await.expect("connect");
+        let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(statement.to_string()))
+            .fetch_one(&pool)
+            .await
+            .expect("sql");
+        pool.close().await;
+        v
+    })
+}
+
+/// A process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Sim {
+    pub addr: String,
+    _proc: Proc,
+}
+
+impl Sim {
+    pub fn start(extra: &[&str]) -> Sim {
+        let bin = target_dir().join("ollama-sim");
+        assert!(
+            bin.exists(),
+            "{} missing: build it with `cargo build --workspace --bins` (scripts/test does)",
+            bin.display()
+        );
+        let mut child = Command::new(&bin)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--chunks",
+                &SIM_CHUNKS.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ollama-sim");
+        let stdout = child.stdout.take().expect("sim stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("sim banner");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected sim banner {line:?}"))
+            .to_string();
+        Sim {
+            addr,
+            _proc: Proc {
+                child,
+                name: "ollama-sim",
+            },
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything the simulator received, as JSON.
+    pub fn requests(&self) -> serde_json::Value {
+        let r = http::get(&self.addr, "/__sim/requests", &[]);
+        assert_eq!(r.status, 200);
+        r.json()
+    }
+
+    pub fn clear(&self) {
+        http::request(&self.addr, "DELETE", "/__sim/requests", &[], None);
+    }
+}
+
+pub struct Redis {
+    pub url: String,
+    pub port: u16,
+    proc: Option<Proc>,
+}
+
+impl Redis {
+    /// A private redis-server for a test that stops it.
+    pub fn start() -> Redis {
+        let bin = std::env::var("NZ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (run via ./scripts/test)"));
+        wait_for_port(port, Duration::from_secs(10));
+        Redis {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            proc: Some(Proc {
+                child,
+                name: "redis",
+            }),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+}
+
+pub fn wait_for_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Gateway {
+    pub addr: String,
+    pub log: PathBuf,
+    pub env: Vec<(String, String)>,
+    proc: Option<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `neuronetz-gateway serve` with `env` and waits for `/healthz`.
+    pub fn start(env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = dir.path().join("gateway.log");
+        let mut full: Vec<(String, String)> = vec![
+            ("LISTEN_ADDR".into(), addr.clone()),
+            ("ARGON2_MEMORY_KIB".into(), "1024".into()),
+            ("ARGON2_ITERATIONS".into(), "1".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        full.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let conf = dir.path().join("pingora.yaml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version: 1\nthreads: 2\npid_file: {0}/gw.pid\nupgrade_sock: {0}/gw.sock\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+                dir.path().display()
+            ),
+        )
+        .expect("conf");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(gateway_bin())
+            .args(["serve", "-c"])
+            .arg(&conf)
+            .envs(full.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gateway");
+        let mut gw = Gateway {
+            addr,
+            log,
+            env: full,
+            proc: Some(Proc {
+                child,
+                name: "gateway",
+            }),
+            _dir: dir,
+        };
+        gw.wait_healthy();
+        gw
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(p) = self.proc.as_mut()
+                && let Ok(Some(status)) = p.child.try_wait()
+            {
+                panic!("gateway exited with {status}; log:\n{}", self.log_text());
+            }
+            if let Ok(r) = http::try_request(&self.addr, "GET", "/healthz", &[], None)
+                && r.status == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not healthy; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Runs a CLI command with the same settings; returns stdout, panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_raw(args);
+        assert!(
+            out.status.success(),
+            "cli {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    pub fn cli_raw(&self, args: &[&str]) -> std::process::Output {
+        Command::new(gateway_bin())
+            .args(args)
+            .envs(
+                self.env
+                    .iter()
+                    .filter(|(k, _)| k != "LISTEN_ADDR")
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .output()
+            .expect("run cli")
+    }
+
+    pub fn create_key(&self, tenant: &str, name: &str, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["create-key", "--tenant", tenant, "--name", name, "--json"];
+        args.extend_from_slice(extra);
+        let out: serde_json::Value =
+            serde_json::from_str(self.cli(&args).trim()).expect("create-key json");
+        (
+            out["key"].as_str().expect("key").to_string(),
+            out["prefix"].as_str().expect("prefix").to_string(),
+        )
+    }
+}
+
+/// The usual set-up: a fresh database, a simulator that requires the upstream token, a gateway
+/// in front of it, and a tenant `acme` allowed `llama3.2` and `qwen2.5:0.5b` with one key.
+pub struct Stack {
+    pub db: String,
+    pub sim: Sim,
+    pub gw: Gateway,
+    pub key: String,
+    pub prefix: String,
+}
+
+pub const ALLOWED: &str = "llama3.2,qwen2.5:0.5b";
+
+impl Stack {
+    pub fn start() -> Stack {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra_env: &[(&str, &str)]) -> Stack {
+        let redis = require_env("NZ_TEST_REDIS_URL");
+        let mut env: Vec<(&str, &str)> = vec![("REDIS_URL", redis.as_str())];
+        env.extend_from_slice(extra_env);
+        Self::start_custom(&env, &[])
+    }
+
+    pub fn start_custom(env: &[(&str, &str)], sim_args: &[&str]) -> Stack {
+        let db = fresh_database();
+        let mut args = vec!["--require-token", UPSTREAM_TOKEN];
+        args.extend_from_slice(sim_args);
+        let sim = Sim::start(&args);
+        let sim_url = sim.url();
+        let secret = format!("test-cache-secret-{}", uuid::Uuid::new_v4().simple());
+        let mut full: Vec<(&str, &str)> = vec![
+            ("DATABASE_URL", db.as_str()),
+            ("OLLAMA_URL", sim_url.as_str()),
+            ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
+            ("KEY_CACHE_SECRET", secret.as_str()),
+        ];
+        full.extend_from_slice(env);
+        let gw = Gateway::start(&full);
+        gw.cli(&["create-tenant", "--name", "acme", "--models", ALLOWED]);
+        let (key, prefix) = gw.create_key("acme", "laptop", &[]);
+        Stack {
+            db,
+            sim,
+            gw,
+            key,
+            prefix,
+        }
+    }
+
+    pub fn auth(&self) -> (&'static str, String) {
+        ("Authorization", format!("Bearer {}", self.key))
+    }
+}

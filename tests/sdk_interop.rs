@@ -1,0 +1,37 @@
+//! The official `openai` and `ollama` Python SDKs as clients of the real gateway
+//! (tests/python/test_sdk_interop.py), run by pytest from the venv `scripts/test` prepares.
+
+mod common;
+
+use std::process::Command;
+
+use common::{SIM_CHUNKS, Stack, require_env};
+
+#[test]
+fn official_python_sdks_work_through_the_gateway() {
+    let python = require_env("NZ_TEST_PYTHON");
+    let s = Stack::start();
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/python",
+        ])
+        .env("NZ_GATEWAY_URL", format!("http://{}", s.gw.addr))
+        .env("NZ_API_KEY", &s.key)
+        .env("NZ_MODEL", "llama3.2")
+        .env("NZ_DENIED_MODEL", "mistral:7b")
+        .env("NZ_SIM_CHUNKS", SIM_CHUNKS.to_string())
+        .env("NZ_SIM_URL", s.sim.url())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        status.success(),
+        "pytest failed; gateway log:\n{}",
+        s.gw.log_text()
+    );
+}
