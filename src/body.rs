@@ -128,7 +128,8 @@ async fn read_loop(
             }
         }
     }
-    if total > 0 && !(armed_at.is_some_and(|a| total > a) && !session.retry_buffer_truncated()) {
+    let replayable = armed_at.is_some_and(|a| total > a) && !session.retry_buffer_truncated();
+    if total > 0 && !replayable {
         // Pingora would not replay this body; failing beats hanging the upstream.
         return Err(GatewayError::LengthRequired);
     }

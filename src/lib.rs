@@ -14,6 +14,7 @@ pub mod cli;
 pub mod cors;
 pub mod errors;
 pub mod listing;
+pub mod log_throttle;
 pub mod models;
 pub mod principal;
 pub mod proxy;

@@ -516,8 +516,9 @@ impl ProxyHttp for Gateway {
             };
         };
         let code = err.status();
-        if session.response_written().is_none() {
-            if let Err(write_err) = respond::error(
+        // Once a response has started (a stream cut short), nothing more can be said.
+        if session.response_written().is_none()
+            && let Err(write_err) = respond::error(
                 session,
                 &err,
                 ctx.surface,
@@ -525,9 +526,8 @@ impl ProxyHttp for Gateway {
                 ctx.cors.clone(),
             )
             .await
-            {
-                tracing::debug!(request_id = %ctx.request_id, error = %write_err, "could not send the error response");
-            }
+        {
+            tracing::debug!(request_id = %ctx.request_id, error = %write_err, "could not send the error response");
         }
         ctx.error = Some(err);
         FailToProxy {

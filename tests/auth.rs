@@ -273,16 +273,13 @@ fn redis_down_serves_cached_keys_and_postgres_answers_uncached_ones() {
 fn both_stores_down_fails_closed_for_uncached_keys() {
     let mut redis = Redis::start();
     let db = fresh_database();
-    let pg_target = {
-        let admin = common::require_env("NZ_TEST_DATABASE_URL");
-        let hostport = admin
-            .split('@')
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .expect("host:port")
-            .to_string();
-        hostport
-    };
+    let admin = common::require_env("NZ_TEST_DATABASE_URL");
+    let pg_target = admin
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("host:port")
+        .to_string();
     let proxy = FaultProxy::start(pg_target.clone());
     let proxied_db = db.replace(&pg_target, &format!("127.0.0.1:{}", proxy.port));
     let sim = Sim::start(&["--require-token", UPSTREAM_TOKEN]);

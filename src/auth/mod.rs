@@ -71,6 +71,7 @@ pub struct Authenticator {
     hasher: Arc<KeyHasher>,
     store: Arc<Store>,
     throttle: FailureThrottle,
+    redis_warning: crate::log_throttle::LogEvery,
 }
 
 /// Extracts the token from `Authorization: Bearer <token>` (scheme case-insensitive).
@@ -94,6 +95,7 @@ impl Authenticator {
             hasher,
             store,
             throttle: FailureThrottle::new(failures_per_min),
+            redis_warning: crate::log_throttle::LogEvery::new(std::time::Duration::from_secs(30)),
         }
     }
 
@@ -124,19 +126,16 @@ impl Authenticator {
         if !key::is_well_formed(token) {
             return Err(self.fail(ip, RejectReason::Malformed));
         }
-        let redis_ok = match self.cache.redis_get(&digest).await {
+        match self.cache.redis_get(&digest).await {
             Ok(Some(principal)) => {
                 let p = Arc::new(principal);
                 self.cache.remember_valid(digest, p.clone());
                 return check_still_valid(p);
             }
-            Ok(None) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "redis key cache unavailable; falling back to postgres");
-                false
-            }
-        };
-        let _ = redis_ok;
+            Ok(None) => {}
+            // Postgres can still answer; the outage is logged once per interval, not per request.
+            Err(e) => self.redis_warning.warn(|| tracing::warn!(error = %e, "redis key cache unavailable; resolving keys from postgres")),
+        }
         self.resolve_from_store(token, digest, ip).await
     }
 
