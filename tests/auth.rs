@@ -382,3 +382,140 @@ fn probe_ollama_reports_without_revealing_the_token() {
         "{text}"
     );
 }
+
+#[test]
+fn outdated_argon2_parameters_are_upgraded_on_use() {
+    let s = Stack::start_with(&[("ARGON2_MEMORY_KIB", "2048")]);
+    // A key hashed with older, cheaper parameters (as an earlier configuration would have).
+    let out = std::process::Command::new(common::gateway_bin())
+        .args(["create-key", "--tenant", "acme", "--name", "old", "--json"])
+        .env("DATABASE_URL", &s.db)
+        .env("ARGON2_MEMORY_KIB", "1024")
+        .env("ARGON2_ITERATIONS", "1")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (key, prefix) = (
+        v["key"].as_str().expect("key").to_string(),
+        v["prefix"].as_str().expect("prefix").to_string(),
+    );
+    let count = |m: &str| {
+        common::sql_scalar_i64(
+            &s.db,
+            &format!(
+                "SELECT count(*) FROM api_keys WHERE prefix = '{prefix}' AND key_hash LIKE '%m={m},%'"
+            ),
+        )
+    };
+    assert_eq!(count("1024"), 1);
+    assert_eq!(chat(&s.gw.addr, &key).status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count("2048") != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hash was not upgraded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let trusted = Stack::start_with(&[("TRUSTED_PROXIES", "127.0.0.1/32")]);
+    trusted.gw.cli(&[
+        "set-policy",
+        "--prefix",
+        &trusted.prefix,
+        "--allowed-cidrs",
+        "10.0.0.0/8",
+    ]);
+    let auth = format!("Bearer {}", trusted.key);
+    let via = |addr: &str, xff: Option<&str>| {
+        let mut h = vec![("Authorization", auth.as_str())];
+        if let Some(x) = xff {
+            h.push(("X-Forwarded-For", x));
+        }
+        http::post_json(addr, "/api/chat", &h, CHAT).status
+    };
+    assert_eq!(
+        via(&trusted.gw.addr, Some("10.1.2.3")),
+        200,
+        "client behind a trusted proxy"
+    );
+    assert_eq!(
+        via(&trusted.gw.addr, Some("10.1.2.3, 192.0.2.7")),
+        403,
+        "rightmost untrusted hop decides"
+    );
+    assert_eq!(via(&trusted.gw.addr, None), 403);
+
+    let untrusted = Stack::start();
+    untrusted.gw.cli(&[
+        "set-policy",
+        "--prefix",
+        &untrusted.prefix,
+        "--allowed-cidrs",
+        "10.0.0.0/8",
+    ]);
+    let auth = format!("Bearer {}", untrusted.key);
+    let r = http::post_json(
+        &untrusted.gw.addr,
+        "/api/chat",
+        &[
+            ("Authorization", auth.as_str()),
+            ("X-Forwarded-For", "10.1.2.3"),
+        ],
+        CHAT,
+    );
+    assert_eq!(
+        r.status, 403,
+        "X-Forwarded-For from an untrusted peer is ignored"
+    );
+}
+
+#[test]
+fn earlier_service_schema_is_refused_and_config_files_work() {
+    let db = fresh_database();
+    common::sql(&db, "CREATE TABLE alembic_version (version_num text)");
+    let out = std::process::Command::new(common::gateway_bin())
+        .args(["migrate"])
+        .env("DATABASE_URL", &db)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("alembic_version"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let db2 = fresh_database();
+    let file = dir.path().join("gw.yaml");
+    std::fs::write(
+        &file,
+        format!("database_url: {db2}\nARGON2_MEMORY_KIB: 1024\nARGON2_ITERATIONS: 1\n"),
+    )
+    .expect("write");
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::gateway_bin())
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    assert!(run(&["migrate"]).status.success());
+    assert!(
+        run(&["create-tenant", "--name", "from-file"])
+            .status
+            .success()
+    );
+    std::fs::write(&file, format!("database_url: {db2}\nOLAMA_URL: http://x\n")).expect("write");
+    let out = run(&["list-keys"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid setting OLAMA_URL: unknown setting")
+    );
+}

@@ -634,3 +634,104 @@ fn request_ids_are_kept_or_minted() {
         1
     );
 }
+
+#[test]
+fn a_client_that_goes_away_closes_the_upstream_request() {
+    use std::io::{Read, Write};
+    let s = Stack::start();
+    let body = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut stream = std::net::TcpStream::connect(&s.gw.addr).expect("connect");
+    let req = format!(
+        "POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nx-sim-chunks: 50\r\nx-sim-delay-ms: 200\r\nContent-Length: {}\r\n\r\n{body}",
+        s.key,
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).expect("write");
+    let mut buf = [0u8; 512];
+    let n = stream.read(&mut buf).expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let stats = |s: &Stack| http::get(&s.sim.addr, "/__sim/stats", &[]).json();
+    assert_eq!(stats(&s)["inflight"], 1, "the stream is running upstream");
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while stats(&s)["inflight"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upstream request still running after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn upstream_concurrency_cap_answers_503() {
+    let s = Stack::start_with(&[("UPSTREAM_MAX_INFLIGHT", "1")]);
+    let addr = s.gw.addr.clone();
+    let auth = format!("Bearer {}", s.key);
+    let slow = std::thread::spawn(move || {
+        http::post_json(
+            &addr,
+            "/api/chat",
+            &[("Authorization", auth.as_str()), ("x-sim-delay-ms", "100")],
+            r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        &[],
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["code"], "upstream_saturated");
+    assert_eq!(slow.join().expect("slow request").status, 200);
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        &[],
+    );
+    assert_eq!(r.status, 200, "the slot was released");
+}
+
+#[test]
+fn cors_preflights_follow_the_allowed_origins() {
+    let s = Stack::start_with(&[("CORS_ALLOWED_ORIGINS", "https://app.example")]);
+    let pre = |origin: &str| {
+        http::request(
+            &s.gw.addr,
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                (
+                    "Access-Control-Request-Headers",
+                    "authorization, content-type",
+                ),
+            ],
+            None,
+        )
+    };
+    let r = pre("https://app.example");
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(
+        r.header("access-control-allow-headers")
+            .unwrap_or("")
+            .contains("authorization")
+    );
+    assert_eq!(pre("https://evil.example").status, 403);
+    let r = get(&s, "/v1/models", &[("Origin", "https://app.example")]);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let r = get(&s, "/v1/models", &[("Origin", "https://evil.example")]);
+    assert!(r.header("access-control-allow-origin").is_none());
+}
