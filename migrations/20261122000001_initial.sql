@@ -105,7 +105,13 @@ END $$;
 
 CREATE TRIGGER tenants_feed AFTER UPDATE OR DELETE ON tenants
     FOR EACH ROW EXECUTE FUNCTION nz_feed_change();
-CREATE TRIGGER api_keys_feed AFTER UPDATE OR DELETE ON api_keys
+-- A re-hash (new parameters, same key) is not a change anyone's cache needs to see.
+CREATE TRIGGER api_keys_feed AFTER UPDATE ON api_keys
+    FOR EACH ROW
+    WHEN (ROW(OLD.tenant_id, OLD.prefix, OLD.name, OLD.expires_at, OLD.revoked_at)
+          IS DISTINCT FROM ROW(NEW.tenant_id, NEW.prefix, NEW.name, NEW.expires_at, NEW.revoked_at))
+    EXECUTE FUNCTION nz_feed_change();
+CREATE TRIGGER api_keys_feed_delete AFTER DELETE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION nz_feed_change();
 CREATE TRIGGER limits_feed AFTER INSERT OR UPDATE OR DELETE ON limits
     FOR EACH ROW EXECUTE FUNCTION nz_feed_change();

@@ -200,7 +200,7 @@ impl Gateway {
         route: &Route,
         principal: &Principal,
     ) -> Result<(), GatewayError> {
-        if let RouteKind::V1Model(model) = &route.kind {
+        if let Some(model) = &route.path_model {
             return match ModelName::parse(model) {
                 Some(m) if principal.models.permits(&m) => Ok(()),
                 _ => Err(GatewayError::ModelNotFound(truncate(model))),
@@ -349,7 +349,7 @@ impl ProxyHttp for Gateway {
             Err(e) => return self.refuse(session, ctx, e).await,
         };
         if route.is_gateway_endpoint() {
-            let kind = route.kind.clone();
+            let kind = route.kind;
             ctx.route = Some(route);
             return self.serve_gateway_endpoint(session, ctx, &kind).await;
         }

@@ -10,7 +10,7 @@ use http::Method;
 use crate::errors::{GatewayError, Surface};
 
 /// What the gateway does with a request, decided from its method and normalised path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteKind {
     Healthz,
     Readyz,
@@ -28,8 +28,8 @@ pub enum RouteKind {
     V1Embeddings,
     V1Responses,
     V1Models,
-    /// `/v1/models/{model}`: the model comes from the path, not a body.
-    V1Model(String),
+    /// `/v1/models/{model}`: the model comes from the path ([`Route::path_model`]).
+    V1Model,
 }
 
 /// How a route's model is named in its JSON body.
@@ -53,6 +53,8 @@ pub enum Listing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub kind: RouteKind,
+    /// The `{model}` segment of `/v1/models/{model}`.
+    pub path_model: Option<String>,
     /// The canonical path forwarded upstream.
     pub path: String,
     pub surface: Surface,
@@ -105,7 +107,7 @@ impl Route {
             V1Embeddings => "/v1/embeddings",
             V1Responses => "/v1/responses",
             V1Models => "/v1/models",
-            V1Model(_) => "/v1/models/{model}",
+            V1Model => "/v1/models/{model}",
         }
     }
 }
@@ -209,37 +211,46 @@ pub fn is_blocked(normalized: &str) -> bool {
     })
 }
 
-/// Classifies a request on its normalised path. Matching is case-sensitive like Ollama's router.
+const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+
+/// The route table: the only paths the gateway answers or forwards. Matching is exact and
+/// case-sensitive like Ollama's router; `{model}` is one path segment.
+pub const ROUTE_TABLE: &[(&str, RouteKind, &[Method])] = &[
+    ("/healthz", RouteKind::Healthz, GET_HEAD),
+    ("/readyz", RouteKind::Readyz, GET_HEAD),
+    ("/", RouteKind::Root, GET_HEAD),
+    ("/api/chat", RouteKind::ApiChat, POST),
+    ("/api/generate", RouteKind::ApiGenerate, POST),
+    ("/api/embed", RouteKind::ApiEmbed, POST),
+    ("/api/embeddings", RouteKind::ApiEmbeddings, POST),
+    ("/api/show", RouteKind::ApiShow, POST),
+    ("/api/tags", RouteKind::ApiTags, GET_HEAD),
+    ("/api/ps", RouteKind::ApiPs, GET),
+    ("/api/version", RouteKind::ApiVersion, GET_HEAD),
+    ("/v1/chat/completions", RouteKind::V1ChatCompletions, POST),
+    ("/v1/completions", RouteKind::V1Completions, POST),
+    ("/v1/embeddings", RouteKind::V1Embeddings, POST),
+    ("/v1/responses", RouteKind::V1Responses, POST),
+    ("/v1/models", RouteKind::V1Models, GET),
+    ("/v1/models/{model}", RouteKind::V1Model, GET),
+];
+
+/// Classifies a request on its normalised path.
 pub fn classify(method: &Method, normalized: &str) -> Result<Route, GatewayError> {
-    use RouteKind::*;
-    let get_head: &[Method] = &[Method::GET, Method::HEAD];
-    let get: &[Method] = &[Method::GET];
-    let post: &[Method] = &[Method::POST];
-    let (kind, allowed) = match normalized {
-        "/healthz" => (Healthz, get_head),
-        "/readyz" => (Readyz, get_head),
-        "/" => (Root, get_head),
-        "/api/chat" => (ApiChat, post),
-        "/api/generate" => (ApiGenerate, post),
-        "/api/embed" => (ApiEmbed, post),
-        "/api/embeddings" => (ApiEmbeddings, post),
-        "/api/show" => (ApiShow, post),
-        "/api/tags" => (ApiTags, get_head),
-        "/api/ps" => (ApiPs, get),
-        "/api/version" => (ApiVersion, get_head),
-        "/v1/chat/completions" => (V1ChatCompletions, post),
-        "/v1/completions" => (V1Completions, post),
-        "/v1/embeddings" => (V1Embeddings, post),
-        "/v1/responses" => (V1Responses, post),
-        "/v1/models" => (V1Models, get),
-        other => match other.strip_prefix("/v1/models/") {
-            // One segment only, as in Ollama's router.
-            Some(model) if !model.is_empty() && !model.contains('/') => {
-                (V1Model(model.to_string()), get)
-            }
-            _ => return Err(GatewayError::RouteNotFound),
-        },
-    };
+    let (kind, allowed, path_model) = ROUTE_TABLE
+        .iter()
+        .find_map(
+            |(pattern, kind, methods)| match pattern.strip_suffix("{model}") {
+                None => (*pattern == normalized).then_some((*kind, *methods, None)),
+                Some(prefix) => normalized
+                    .strip_prefix(prefix)
+                    .filter(|m| !m.is_empty() && !m.contains('/'))
+                    .map(|m| (*kind, *methods, Some(m.to_string()))),
+            },
+        )
+        .ok_or(GatewayError::RouteNotFound)?;
     if !allowed.contains(method) {
         return Err(GatewayError::MethodNotAllowed);
     }
@@ -247,27 +258,18 @@ pub fn classify(method: &Method, normalized: &str) -> Result<Route, GatewayError
         surface: surface_of(normalized),
         path: normalized.to_string(),
         kind,
+        path_model,
     })
 }
 
-/// Every forwarded route kind, for the route-coverage test.
-pub fn forwarded_paths() -> Vec<(&'static str, Method)> {
-    vec![
-        ("/api/chat", Method::POST),
-        ("/api/generate", Method::POST),
-        ("/api/embed", Method::POST),
-        ("/api/embeddings", Method::POST),
-        ("/api/show", Method::POST),
-        ("/api/tags", Method::GET),
-        ("/api/ps", Method::GET),
-        ("/api/version", Method::GET),
-        ("/v1/chat/completions", Method::POST),
-        ("/v1/completions", Method::POST),
-        ("/v1/embeddings", Method::POST),
-        ("/v1/responses", Method::POST),
-        ("/v1/models", Method::GET),
-        ("/v1/models/llama3.2", Method::GET),
-    ]
+/// Every route the gateway forwards upstream, as (example path, method), derived from the
+/// route table: the route-coverage test walks it, so a new route cannot skip the pipeline.
+pub fn forwarded_paths() -> Vec<(String, Method)> {
+    ROUTE_TABLE
+        .iter()
+        .map(|(pattern, _, methods)| (pattern.replace("{model}", "llama3.2"), methods[0].clone()))
+        .filter(|(path, method)| classify(method, path).is_ok_and(|r| !r.is_gateway_endpoint()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -352,14 +354,21 @@ mod tests {
             Err(GatewayError::RouteNotFound)
         ));
         let r = classify(&Method::GET, "/v1/models/llama3.2").unwrap();
-        assert_eq!(r.kind, RouteKind::V1Model("llama3.2".into()));
+        assert_eq!(r.kind, RouteKind::V1Model);
+        assert_eq!(r.path_model.as_deref(), Some("llama3.2"));
         assert_eq!(r.surface, Surface::OpenAi);
     }
 
     #[test]
     fn every_forwarded_path_classifies() {
-        for (path, method) in forwarded_paths() {
-            let r = classify(&method, path).unwrap();
+        let paths = forwarded_paths();
+        assert_eq!(
+            paths.len(),
+            ROUTE_TABLE.len() - 3,
+            "all but the three gateway endpoints"
+        );
+        for (path, method) in paths {
+            let r = classify(&method, &path).unwrap();
             assert!(!r.is_gateway_endpoint());
         }
     }

@@ -13,6 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::Authenticator;
 use crate::auth::cache::{DigestKey, PrincipalCache};
+use crate::auth::change_feed::ChangeFollower;
 use crate::auth::hasher::KeyHasher;
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
@@ -46,6 +47,8 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         settings.negative_cache_ttl,
         redis.clone(),
     ));
+    // Its own one-connection pool, created on the background service's runtime.
+    let follower = ChangeFollower::new(Store::new(&db_url, 1)?, cache.clone());
     let auth = Authenticator::new(
         DigestKey::new(&secret),
         cache,
@@ -79,6 +82,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             RedisConnection { client },
         ));
     }
+    server.add_service(background_service("change-feed", follower));
     server.add_service(proxy);
     tracing::info!(listen = %listen, "neuronetz-gateway serving");
     server.run(RunArgs::default());

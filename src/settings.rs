@@ -138,9 +138,11 @@ impl Settings {
             upstreams: parse_upstreams(r.get("OLLAMA_URL").unwrap_or("http://127.0.0.1:11434"))?,
             upstream_auth_token: r.secret("OLLAMA_AUTH_TOKEN"),
             upstream_auth_header: r.header_name("OLLAMA_AUTH_HEADER", "Authorization")?,
+            // Present but empty means "send the raw token": read unfiltered.
             upstream_auth_scheme: r
+                .0
                 .get("OLLAMA_AUTH_SCHEME")
-                .unwrap_or("Bearer")
+                .map_or("Bearer", String::as_str)
                 .trim()
                 .to_string(),
             database_url: r
@@ -483,6 +485,8 @@ mod tests {
         assert_eq!(s.upstreams[1].host_header(), "[::1]:2");
         assert_eq!(s.upstreams[2].port, 11434);
         assert_eq!(s.upstream_connect_timeout, Duration::from_millis(2500));
+        let raw = Settings::from_map(&map(&[("OLLAMA_AUTH_SCHEME", "")])).unwrap();
+        assert_eq!(raw.upstream_auth_scheme, "", "empty scheme = raw token");
         assert_eq!(s.upstream_read_timeout, Duration::from_secs(120));
     }
 

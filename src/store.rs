@@ -109,8 +109,8 @@ impl Store {
     }
 
     pub async fn update_key_hash(&self, key_id: i64, hash: &str) -> Result<(), StoreError> {
-        // updated_at is left alone on purpose: a re-hash is not a policy change, and the feed
-        // trigger on api_keys would otherwise evict the key from every cache.
+        // Not a policy change: the change-feed trigger ignores hash-only updates, so caches
+        // keep the key.
         sqlx::query("UPDATE api_keys SET key_hash = $2 WHERE id = $1")
             .bind(key_id)
             .bind(hash)

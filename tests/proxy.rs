@@ -473,6 +473,7 @@ fn route_coverage_every_forwarded_path_is_behind_auth_and_allow_list() {
     let s = Stack::start();
     for (path, method) in neuronetz_gateway::routes::forwarded_paths() {
         let body = br#"{"model":"mistral:7b","input":"x","prompt":"x","messages":[{"role":"user","content":"hi"}]}"#;
+        let path = path.as_str();
         let r = http::request(&s.gw.addr, method.as_str(), path, &[], Some(body));
         assert_eq!(r.status, 401, "{method} {path} without a key");
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));

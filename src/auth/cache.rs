@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use fred::prelude::{Client, Expiration, KeysInterface};
+use fred::prelude::{Client, Expiration, KeysInterface, SetsInterface};
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
@@ -155,7 +155,8 @@ impl PrincipalCache {
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
-    /// One SET with expiry, off the request path (the caller spawns it).
+    /// One pipelined round trip, off the request path (the caller spawns it): the entry, plus
+    /// its digest in per-key and per-tenant index sets so a change can find and delete it.
     pub async fn redis_put(
         &self,
         digest: &TokenDigest,
@@ -168,16 +169,60 @@ impl PrincipalCache {
             return Ok(());
         };
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(60).max(1);
-        redis
-            .set::<(), _, _>(
-                redis_key(digest),
-                json,
-                Some(Expiration::EX(ttl)),
-                None,
-                false,
-            )
-            .await
+        let member = hex::encode(digest);
+        let (by_key, by_tenant) = (
+            key_index(principal.key_id),
+            tenant_index(principal.tenant_id),
+        );
+        let pipe = redis.pipeline();
+        pipe.set::<(), _, _>(
+            redis_key(digest),
+            json,
+            Some(Expiration::EX(ttl)),
+            None,
+            false,
+        )
+        .await?;
+        for index in [&by_key, &by_tenant] {
+            pipe.sadd::<(), _, _>(index.as_str(), member.as_str())
+                .await?;
+            // The index outlives its newest entry by a little; stale members point at nothing.
+            pipe.expire::<(), _>(index.as_str(), ttl + 5, None).await?;
+        }
+        pipe.all::<()>().await
     }
+
+    /// Forgets every cached principal of one key (or, with `key_id = None`, of a whole tenant),
+    /// here and in Redis.
+    pub async fn invalidate(
+        &self,
+        tenant_id: i64,
+        key_id: Option<i64>,
+    ) -> Result<(), fred::error::Error> {
+        self.evict_where(|p| match key_id {
+            Some(k) => p.key_id == k,
+            None => p.tenant_id == tenant_id,
+        });
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let index = key_id.map_or_else(|| tenant_index(tenant_id), key_index);
+        let members: Vec<String> = redis.smembers(index.as_str()).await?;
+        let mut keys: Vec<String> = members
+            .iter()
+            .map(|m| format!("nz:principal:{m}"))
+            .collect();
+        keys.push(index);
+        redis.del::<(), _>(keys).await
+    }
+}
+
+fn key_index(key_id: i64) -> String {
+    format!("nz:principal-index:key:{key_id}")
+}
+
+fn tenant_index(tenant_id: i64) -> String {
+    format!("nz:principal-index:tenant:{tenant_id}")
 }
 
 fn redis_key(digest: &TokenDigest) -> String {

@@ -10,6 +10,7 @@
 //! answer for an uncached key the result is 503, never "allow".
 
 pub mod cache;
+pub mod change_feed;
 pub mod client_ip;
 pub mod hasher;
 pub mod key;
