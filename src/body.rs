@@ -37,6 +37,8 @@ const DECISION_FIELDS: &[&str] = &[
 pub struct ParsedBody {
     pub model: String,
     pub stream: Option<bool>,
+    /// `stream_options.include_usage` is `true`.
+    pub include_usage: bool,
 }
 
 /// Reads the whole request body, bounded by `limit`, leaving Pingora able to replay it.
@@ -214,7 +216,62 @@ pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError>
         Some(v) => serde_json::from_str::<Option<bool>>(v.get())
             .map_err(|_| bad("`stream` must be a boolean"))?,
     };
-    Ok(ParsedBody { model, stream })
+    let include_usage = match get("stream_options") {
+        None => false,
+        Some(v) => {
+            match serde_json::from_str::<Option<serde_json::Map<String, serde_json::Value>>>(
+                v.get(),
+            ) {
+                Ok(m) => m.is_some_and(|m| {
+                    m.get("include_usage") == Some(&serde_json::Value::Bool(true))
+                }),
+                Err(_) => return Err(bad("`stream_options` must be an object")),
+            }
+        }
+    };
+    Ok(ParsedBody {
+        model,
+        stream,
+        include_usage,
+    })
+}
+
+/// The same body with `stream_options.include_usage` set to `true`, so an OpenAI stream ends
+/// with its usage. Every other member is copied verbatim (numbers, images and escapes keep
+/// their exact text); only `stream_options` is re-serialised. The body was checked by
+/// [`parse`] first, so its keys are unique.
+pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
+    let bad = || GatewayError::BadRequest("request body is not a valid JSON object".into());
+    let members: Members = serde_json::from_slice(body).map_err(|_| bad())?;
+    let mut out = Vec::with_capacity(body.len() + 40);
+    out.push(b'{');
+    let mut replaced = false;
+    for (i, (k, v)) in members.0.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k.as_ref()).map_err(|_| bad())?;
+        out.push(b':');
+        if k == "stream_options" {
+            let mut options: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str::<Option<_>>(v.get())
+                    .map_err(|_| bad())?
+                    .unwrap_or_default();
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            serde_json::to_writer(&mut out, &options).map_err(|_| bad())?;
+            replaced = true;
+        } else {
+            out.extend_from_slice(v.get().as_bytes());
+        }
+    }
+    if !replaced {
+        if !members.0.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
 }
 
 #[cfg(test)]
@@ -278,6 +335,37 @@ mod tests {
         assert!(parse(br#"{"model":"","name":"b"}"#, ModelField::ModelOrName).is_ok());
         // `name` is not a model field on other routes.
         assert!(parse(br#"{"name":"b"}"#, ModelField::Model).is_err());
+    }
+
+    #[test]
+    fn include_usage_is_added_and_everything_else_kept() {
+        let body = br#"{"model":"m","stream":true,"messages":[{"content":"\u00e9 \"q\""}],"temperature":0.10}"#;
+        let out = with_include_usage(body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            text.contains(r#""messages":[{"content":"\u00e9 \"q\""}]"#),
+            "verbatim: {text}"
+        );
+        assert!(
+            text.contains(r#""temperature":0.10"#),
+            "number text kept: {text}"
+        );
+        let out =
+            with_include_usage(br#"{"model":"m","stream_options":{"include_usage":false,"x":1}}"#)
+                .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        let out = with_include_usage(br#"{"model":"m","stream_options":null}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let p = parse(&out, ModelField::Model).unwrap();
+        assert!(p.include_usage);
+        assert!(parse(br#"{"model":"m","stream_options":5}"#, ModelField::Model).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! `proxy` (the `ProxyHttp` phases), `errors` and `respond` (every gateway-made response),
 //! `store` and `admin` (Postgres read path and operator changes), `cli` and `server`.
 
+pub mod accounting;
 pub mod admin;
 pub mod auth;
 pub mod body;

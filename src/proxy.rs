@@ -29,6 +29,8 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::accounting::usage_strip::UsageStripper;
+use crate::accounting::{self, Outcome, UsageScanner};
 use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
 use crate::body;
 use crate::cors;
@@ -71,6 +73,14 @@ pub struct RequestCtx {
     pub target: Option<UpstreamTarget>,
     pub attempt: usize,
     pub listing: Option<ListingBuffer>,
+    /// Token accounting over the response body (successful model responses).
+    pub scanner: Option<UsageScanner>,
+    /// The gateway added `include_usage` upstream; this takes it back out of the stream.
+    pub stripper: Option<UsageStripper>,
+    strip_usage: bool,
+    /// Bytes of the client's own request body (the prompt estimate's basis).
+    pub request_body_len: usize,
+    pub outcome: Option<Outcome>,
     pub upstream_slot: Option<UpstreamSlot>,
     pub upstream_status: Option<u16>,
     pub first_byte_at: Option<Instant>,
@@ -224,6 +234,19 @@ impl Gateway {
         if !principal.models.permits(&name) {
             return Err(GatewayError::ModelNotAllowed(truncate(&parsed.model)));
         }
+        ctx.request_body_len = bytes.len();
+        // OpenAI streams carry usage only when asked: ask upstream, hide it from the client.
+        let bytes = if matches!(
+            route.kind,
+            RouteKind::V1ChatCompletions | RouteKind::V1Completions
+        ) && parsed.stream == Some(true)
+            && !parsed.include_usage
+        {
+            ctx.strip_usage = true;
+            body::with_include_usage(&bytes)?
+        } else {
+            bytes
+        };
         ctx.model = Some(parsed.model);
         ctx.stream = parsed.stream;
         ctx.body = Some(bytes);
@@ -316,6 +339,11 @@ impl ProxyHttp for Gateway {
             target: None,
             attempt: 0,
             listing: None,
+            scanner: None,
+            stripper: None,
+            strip_usage: false,
+            request_body_len: 0,
+            outcome: None,
             upstream_slot: None,
             upstream_status: None,
             first_byte_at: None,
@@ -445,6 +473,20 @@ impl ProxyHttp for Gateway {
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.first_byte_at.get_or_insert_with(Instant::now);
+        if status == 200
+            && let Some(route) = ctx.route.as_ref()
+        {
+            let content_type = upstream_response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map_or(&b""[..], |v| v.as_bytes());
+            ctx.scanner = accounting::scanner_for(route.kind, content_type);
+            if ctx.strip_usage && content_type.starts_with(b"text/event-stream") {
+                // The body changes length: it goes out chunked.
+                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+                ctx.stripper = Some(UsageStripper::new(route.kind == RouteKind::V1Completions));
+            }
+        }
         let is_listing = ctx.route.as_ref().and_then(Route::listing).is_some();
         if is_listing && status == 200 && session.req_header().method != http::Method::HEAD {
             upstream_response.remove_header(&http::header::CONTENT_LENGTH);
@@ -473,6 +515,24 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<Option<Duration>> {
+        if let Some(scanner) = ctx.scanner.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                scanner.observe(chunk);
+            }
+            if end_of_stream {
+                ctx.outcome = Some(scanner.finish(ctx.request_body_len));
+            }
+        }
+        if let Some(stripper) = ctx.stripper.as_mut() {
+            let mut out = body
+                .take()
+                .map(|chunk| stripper.push(chunk))
+                .unwrap_or_default();
+            if end_of_stream && let Some(tail) = stripper.finish() {
+                out = [out, tail].concat().into();
+            }
+            *body = Some(out);
+        }
         let Some(buffer) = ctx.listing.as_mut() else {
             return Ok(None);
         };
@@ -541,6 +601,13 @@ impl ProxyHttp for Gateway {
         let client_gone = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
         let route = ctx.route.as_ref().map_or("-", Route::label);
         let principal = ctx.principal.as_deref();
+        // A client that went away never brought the body to its end: count what was seen.
+        if ctx.outcome.is_none()
+            && let Some(scanner) = ctx.scanner.as_ref()
+        {
+            ctx.outcome = Some(scanner.finish(ctx.request_body_len));
+        }
+        let outcome = ctx.outcome.as_ref();
         tracing::info!(
             request_id = %ctx.request_id,
             method = %session.req_header().method,
@@ -555,6 +622,10 @@ impl ProxyHttp for Gateway {
             client_ip = ctx.client_ip.map(|ip| ip.to_string()),
             ttfb_ms = ctx.first_byte_at.map(|t| (t - ctx.started).as_secs_f64() * 1e3),
             latency_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
+            prompt_tokens = outcome.map(|o| o.usage.prompt_tokens),
+            completion_tokens = outcome.map(|o| o.usage.completion_tokens),
+            usage_reported = outcome.map(|o| o.reported),
+            stream_completed = outcome.map(|o| o.completed),
             "request"
         );
     }

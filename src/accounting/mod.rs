@@ -1,0 +1,368 @@
+//! Token accounting on responses as they stream past (SPEC §9): the scanner observes each
+//! `Bytes` chunk without copying or holding it, and at the end says how many prompt and
+//! completion tokens the request used and whether the stream ended properly.
+//!
+//! Where counts come from, per surface:
+//! - native (`/api/*`, NDJSON or one JSON object): the object carrying `prompt_eval_count` /
+//!   `eval_count` (the `done: true` line of a stream);
+//! - OpenAI JSON: `usage.prompt_tokens` / `usage.completion_tokens` (`usage.input_tokens` /
+//!   `usage.output_tokens` on `/v1/responses`);
+//! - OpenAI SSE: the final usage event (`choices: []`); `/v1/completions` puts a zeroed `usage`
+//!   on every chunk, which is never taken; `/v1/responses`: `response.completed`.
+//!
+//! When a stream ends without its counts (client gone, upstream error, no terminator), the
+//! documented estimate applies: every content chunk seen counts as one completion token, and
+//! the prompt counts as ⌈request body bytes / 4⌉ tokens.
+
+pub mod json_path;
+pub mod usage_strip;
+
+use json_path::{Event, JsonWalker};
+
+use crate::routes::RouteKind;
+
+/// How the response body is framed and where its counts live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Ollama native: NDJSON stream or a single JSON object.
+    Native,
+    /// OpenAI JSON body (chat, completions, embeddings, responses).
+    OpenAiJson,
+    /// OpenAI SSE (`/v1/chat/completions`, `/v1/completions`).
+    OpenAiSse,
+    /// OpenAI Responses SSE (`/v1/responses`).
+    ResponsesSse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// What a finished (or abandoned) response amounted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub usage: Usage,
+    /// Counts came from the upstream (not estimated).
+    pub reported: bool,
+    /// The stream reached its terminator (`done: true`, `[DONE]`, `response.completed`).
+    pub completed: bool,
+    /// An in-band error line/event arrived under a 200 status.
+    pub in_band_error: bool,
+    pub content_chunks: u64,
+}
+
+/// The scanner for a successful response of `route`, chosen by its content type; `None` for
+/// routes that carry no tokens.
+pub fn scanner_for(route: RouteKind, content_type: &[u8]) -> Option<UsageScanner> {
+    let event_stream = content_type.starts_with(b"text/event-stream");
+    let format = match route {
+        RouteKind::ApiChat
+        | RouteKind::ApiGenerate
+        | RouteKind::ApiEmbed
+        | RouteKind::ApiEmbeddings => Format::Native,
+        RouteKind::V1ChatCompletions | RouteKind::V1Completions if event_stream => {
+            Format::OpenAiSse
+        }
+        RouteKind::V1Responses if event_stream => Format::ResponsesSse,
+        RouteKind::V1ChatCompletions
+        | RouteKind::V1Completions
+        | RouteKind::V1Responses
+        | RouteKind::V1Embeddings => Format::OpenAiJson,
+        _ => return None,
+    };
+    let embeddings = matches!(
+        route,
+        RouteKind::ApiEmbed | RouteKind::ApiEmbeddings | RouteKind::V1Embeddings
+    );
+    Some(UsageScanner::new(format, embeddings))
+}
+
+/// The documented prompt estimate: ⌈request body bytes / 4⌉.
+pub fn estimate_prompt_tokens(request_body_bytes: usize) -> u64 {
+    (request_body_bytes as u64).div_ceil(4)
+}
+
+/// Per-object facts gathered between a top-level `Begin` and `End`.
+#[derive(Default, Clone, Copy)]
+struct Current {
+    done: bool,
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    error: bool,
+    content: bool,
+    has_choices: bool,
+    kind: EventKind,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum EventKind {
+    #[default]
+    Other,
+    TextDelta,
+    Completed,
+    Failed,
+}
+
+/// SSE line framing state, kept across chunks without buffering the bytes.
+#[derive(Default)]
+struct SseFramer {
+    in_value: bool,
+    field: [u8; 8],
+    field_len: usize,
+    field_overflow: bool,
+    skipped_space: bool,
+    value_started: bool,
+    /// The current `data:` value began with `[` (the `[DONE]` sentinel): not JSON.
+    sentinel: bool,
+    sentinel_len: usize,
+}
+
+pub struct UsageScanner {
+    format: Format,
+    walker: JsonWalker,
+    framer: SseFramer,
+    cur: Current,
+    usage: Option<Usage>,
+    completed: bool,
+    in_band_error: bool,
+    content_chunks: u64,
+    /// Embedding routes produce no completion tokens, whatever the body looks like.
+    embeddings: bool,
+}
+
+impl UsageScanner {
+    pub fn new(format: Format, embeddings: bool) -> Self {
+        Self {
+            format,
+            walker: JsonWalker::new(),
+            framer: SseFramer::default(),
+            cur: Current::default(),
+            usage: None,
+            completed: false,
+            in_band_error: false,
+            content_chunks: 0,
+            embeddings,
+        }
+    }
+
+    /// Observes one chunk of the response body (no copy, no allocation).
+    pub fn observe(&mut self, chunk: &[u8]) {
+        match self.format {
+            Format::Native | Format::OpenAiJson => {
+                let mut walker = std::mem::take(&mut self.walker);
+                walker.feed(chunk, &mut |e| self.on_event(e));
+                self.walker = walker;
+            }
+            Format::OpenAiSse | Format::ResponsesSse => self.observe_sse(chunk),
+        }
+    }
+
+    /// The result so far; call when the body ended or was abandoned.
+    pub fn finish(&self, request_body_bytes: usize) -> Outcome {
+        let (usage, reported) = match self.usage {
+            Some(u) => (u, true),
+            None => (
+                Usage {
+                    prompt_tokens: estimate_prompt_tokens(request_body_bytes),
+                    completion_tokens: if self.embeddings {
+                        0
+                    } else {
+                        self.content_chunks
+                    },
+                },
+                false,
+            ),
+        };
+        Outcome {
+            usage,
+            reported,
+            completed: self.completed,
+            in_band_error: self.in_band_error,
+            content_chunks: self.content_chunks,
+        }
+    }
+
+    fn on_event(&mut self, e: Event<'_>) {
+        match e {
+            Event::Begin => self.cur = Current::default(),
+            Event::End => self.end_object(),
+            Event::Bool {
+                path: ["done"],
+                value,
+            } => self.cur.done = value,
+            Event::Number { path, value } => match (self.format, path) {
+                (Format::Native, ["prompt_eval_count"]) => self.cur.prompt = Some(value),
+                (Format::Native, ["eval_count"]) => self.cur.completion = Some(value),
+                (_, ["usage", "prompt_tokens" | "input_tokens"]) => self.cur.prompt = Some(value),
+                (_, ["usage", "completion_tokens" | "output_tokens"]) => {
+                    self.cur.completion = Some(value)
+                }
+                (Format::ResponsesSse, ["response", "usage", "input_tokens"]) => {
+                    self.cur.prompt = Some(value)
+                }
+                (Format::ResponsesSse, ["response", "usage", "output_tokens"]) => {
+                    self.cur.completion = Some(value)
+                }
+                (_, ["choices", ..]) => self.cur.has_choices = true,
+                _ => {}
+            },
+            Event::Str { path, len, prefix } => match path {
+                ["error"] | ["error", "message"] => self.cur.error = true,
+                ["type"] => self.cur.kind = event_kind(prefix),
+                ["choices", "[]", "delta", "role"] => self.cur.has_choices = true,
+                ["choices", "[]", "delta", ..]
+                | ["choices", "[]", "text"]
+                | ["message", "content" | "thinking"]
+                | ["response"] => {
+                    self.cur.has_choices |= path[0] == "choices";
+                    self.cur.content |= len > 0;
+                }
+                ["choices", ..] => self.cur.has_choices = true,
+                _ => {}
+            },
+            Event::Bool { .. } => {}
+        }
+    }
+
+    fn end_object(&mut self) {
+        let cur = self.cur;
+        if cur.error || cur.kind == EventKind::Failed {
+            self.in_band_error = true;
+            return;
+        }
+        match self.format {
+            Format::Native => {
+                if cur.done || cur.prompt.is_some() || cur.completion.is_some() {
+                    self.usage = Some(counts(cur));
+                    self.completed = true;
+                } else {
+                    self.content_chunks += 1;
+                }
+            }
+            Format::OpenAiJson => {
+                if cur.prompt.is_some() || cur.completion.is_some() {
+                    self.usage = Some(counts(cur));
+                }
+                self.completed = true;
+            }
+            Format::OpenAiSse => {
+                if cur.content {
+                    self.content_chunks += 1;
+                }
+                // Only the final usage event (no choices) counts; `/v1/completions` puts a
+                // zeroed usage on every content chunk.
+                if !cur.has_choices && (cur.prompt.is_some() || cur.completion.is_some()) {
+                    self.usage = Some(counts(cur));
+                }
+            }
+            Format::ResponsesSse => match cur.kind {
+                EventKind::TextDelta => self.content_chunks += 1,
+                EventKind::Completed => {
+                    self.completed = true;
+                    if cur.prompt.is_some() || cur.completion.is_some() {
+                        self.usage = Some(counts(cur));
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+
+    fn observe_sse(&mut self, chunk: &[u8]) {
+        let mut walker = std::mem::take(&mut self.walker);
+        let mut start_of_value: Option<usize> = None;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'\n' || b == b'\r' {
+                if let Some(s) = start_of_value.take() {
+                    walker.feed(&chunk[s..i], &mut |e| self.on_event(e));
+                }
+                self.end_line(&mut walker);
+                continue;
+            }
+            let f = &mut self.framer;
+            if !f.in_value {
+                if b == b':' {
+                    f.in_value = true;
+                    f.skipped_space = false;
+                    f.value_started = false;
+                } else if f.field_len < f.field.len() {
+                    f.field[f.field_len] = b;
+                    f.field_len += 1;
+                } else {
+                    f.field_overflow = true;
+                }
+                continue;
+            }
+            if !f.skipped_space {
+                f.skipped_space = true;
+                if b == b' ' {
+                    continue;
+                }
+            }
+            if !self.is_data_field() {
+                continue;
+            }
+            let f = &mut self.framer;
+            if !f.value_started {
+                f.value_started = true;
+                f.sentinel = b == b'[';
+            }
+            if f.sentinel {
+                f.sentinel_len += 1;
+                continue;
+            }
+            if start_of_value.is_none() {
+                start_of_value = Some(i);
+            }
+        }
+        if let Some(s) = start_of_value {
+            walker.feed(&chunk[s..], &mut |e| self.on_event(e));
+        }
+        self.walker = walker;
+    }
+
+    fn is_data_field(&self) -> bool {
+        !self.framer.field_overflow && &self.framer.field[..self.framer.field_len] == b"data"
+    }
+
+    fn end_line(&mut self, walker: &mut JsonWalker) {
+        let f = &mut self.framer;
+        let was_field_line = f.field_len > 0 || f.in_value;
+        if f.sentinel && self.format == Format::OpenAiSse {
+            // `data: [DONE]`: the stream's terminator.
+            self.completed = true;
+        }
+        if !was_field_line && walker.depth() != 0 {
+            // An event ended inside a JSON value: it was cut; forget the partial value.
+            walker.reset();
+        }
+        *f = SseFramer::default();
+    }
+}
+
+fn counts(cur: Current) -> Usage {
+    Usage {
+        prompt_tokens: cur.prompt.unwrap_or(0),
+        completion_tokens: cur.completion.unwrap_or(0),
+    }
+}
+
+fn event_kind(prefix: &[u8]) -> EventKind {
+    match prefix {
+        b"response.output_text.delta" => EventKind::TextDelta,
+        b"response.completed" => EventKind::Completed,
+        b"response.failed" | b"error" => EventKind::Failed,
+        _ => EventKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests;
