@@ -153,12 +153,10 @@ impl JsonWalker {
                     self.levels[self.depth] = Level::new(c);
                 }
             }
-            b'}' | b']' => {
-                if self.depth > 0 {
-                    self.depth -= 1;
-                    if self.depth == 0 {
-                        on_event(Event::End);
-                    }
+            b'}' | b']' if self.depth > 0 => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    on_event(Event::End);
                 }
             }
             b',' => {
