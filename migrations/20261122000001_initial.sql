@@ -87,6 +87,11 @@ DECLARE
     t BIGINT;
     k BIGINT;
 BEGIN
+    -- The gateway's own re-hash of a key (same key, new Argon2 parameters) changes nothing a
+    -- cache holds; it marks its transaction so. A re-key from the console is a change.
+    IF current_setting('nz.internal_rehash', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     IF TG_TABLE_NAME = 'tenants' THEN
         t := COALESCE(NEW.id, OLD.id);
         k := NULL;
@@ -105,11 +110,11 @@ END $$;
 
 CREATE TRIGGER tenants_feed AFTER UPDATE OR DELETE ON tenants
     FOR EACH ROW EXECUTE FUNCTION nz_feed_change();
--- A re-hash (new parameters, same key) is not a change anyone's cache needs to see.
+-- updated_at alone is not a change anyone's cache needs to see.
 CREATE TRIGGER api_keys_feed AFTER UPDATE ON api_keys
     FOR EACH ROW
-    WHEN (ROW(OLD.tenant_id, OLD.prefix, OLD.name, OLD.expires_at, OLD.revoked_at)
-          IS DISTINCT FROM ROW(NEW.tenant_id, NEW.prefix, NEW.name, NEW.expires_at, NEW.revoked_at))
+    WHEN (ROW(OLD.tenant_id, OLD.prefix, OLD.name, OLD.key_hash, OLD.expires_at, OLD.revoked_at)
+          IS DISTINCT FROM ROW(NEW.tenant_id, NEW.prefix, NEW.name, NEW.key_hash, NEW.expires_at, NEW.revoked_at))
     EXECUTE FUNCTION nz_feed_change();
 CREATE TRIGGER api_keys_feed_delete AFTER DELETE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION nz_feed_change();

@@ -21,17 +21,6 @@ const REPLAY_CAP: usize = 64 << 10;
 /// A slow client gets this long to deliver its body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Fields whose case-variants or duplicates would let the upstream read something other than
-/// what the gateway decided on.
-const DECISION_FIELDS: &[&str] = &[
-    "model",
-    "name",
-    "stream",
-    "options",
-    "stream_options",
-    "keep_alive",
-];
-
 /// What the gateway learned from a request body.
 #[derive(Debug, Clone)]
 pub struct ParsedBody {
@@ -161,21 +150,45 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
     }
 }
 
+/// Refuses keys Ollama's decoder could read differently from us. Go's `encoding/json` matches
+/// field names case-insensitively under Unicode simple folding, where `ſ` (U+017F) folds to
+/// `s` and the Kelvin sign (U+212A) to `k`, and lets the last duplicate win. Every field Ollama
+/// reads is lower-case ASCII, so a key with an ASCII capital or one of those two letters can
+/// only be an attempt to be read as another field; exact duplicates are refused too.
+fn check_keys(members: &Members<'_>) -> Result<(), GatewayError> {
+    for (i, (k, _)) in members.0.iter().enumerate() {
+        if k.chars()
+            .any(|c| c.is_ascii_uppercase() || c == '\u{17F}' || c == '\u{212A}')
+        {
+            return Err(GatewayError::BadRequest(format!(
+                "field names must be lower case (found `{}`)",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+        if members.0[..i].iter().any(|(earlier, _)| earlier == k) {
+            return Err(GatewayError::BadRequest(format!(
+                "duplicate field `{}` in request body",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Parses a request body and extracts the model it names, refusing ambiguity.
 pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError> {
     let bad = |m: &str| GatewayError::BadRequest(m.to_string());
     let members: Members =
         serde_json::from_slice(body).map_err(|_| bad("request body is not a valid JSON object"))?;
-    let mut seen: Vec<String> = Vec::with_capacity(members.0.len());
-    for (k, _) in &members.0 {
-        let folded = k.to_lowercase();
-        if seen.contains(&folded) {
-            return Err(bad(&format!("duplicate field `{k}` in request body")));
+    check_keys(&members)?;
+    for nested in ["options", "stream_options"] {
+        if let Some((_, v)) = members.0.iter().find(|(k, _)| k.as_ref() == nested)
+            && v.get().starts_with('{')
+        {
+            let inner: Members =
+                serde_json::from_str(v.get()).map_err(|_| bad("request body is not valid JSON"))?;
+            check_keys(&inner)?;
         }
-        if DECISION_FIELDS.contains(&folded.as_str()) && k.as_ref() != folded {
-            return Err(bad(&format!("field `{k}` must be written in lower case")));
-        }
-        seen.push(folded);
     }
     let get = |name: &str| {
         members
@@ -301,6 +314,13 @@ mod tests {
             r#"{"model":"a","Stream":true}"#,
             r#"{"model":"a","stream":true,"stream":false}"#,
             r#"{"model":"a","messages":[],"Messages":[]}"#,
+            "{\"model\":\"a\",\"stream\":false,\"\u{17F}tream\":true}",
+            r#"{"model":"a","stream":false,"\u017ftream":true}"#,
+            "{\"model\":\"a\",\"\u{212A}eep_alive\":0}",
+            r#"{"model":"a","MAX_TOKENS":5}"#,
+            r#"{"model":"a","options":{"num_predict":5,"NUM_PREDICT":-1}}"#,
+            r#"{"model":"a","options":{"num_predict":5,"num_predict":-1}}"#,
+            r#"{"model":"a","stream_options":{"include_usage":false,"Include_Usage":true}}"#,
         ] {
             assert!(
                 matches!(model_of(body), Err(GatewayError::BadRequest(_))),

@@ -60,6 +60,10 @@ pub struct Principal {
     pub max_num_ctx: Option<i64>,
     pub max_num_predict: Option<i64>,
     pub keep_alive_policy: Option<String>,
+    /// The change-feed position when this was read from Postgres: a cached copy is stale once
+    /// a later change to its key or tenant has been applied.
+    #[serde(default)]
+    pub feed_seq: i64,
 }
 
 impl Principal {
@@ -112,6 +116,7 @@ impl Principal {
                 .keep_alive_policy
                 .clone()
                 .or_else(|| tenant.keep_alive_policy.clone()),
+            feed_seq: 0,
         }
     }
 

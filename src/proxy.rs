@@ -72,6 +72,8 @@ pub struct RequestCtx {
     pub stream: Option<bool>,
     pub target: Option<UpstreamTarget>,
     pub attempt: usize,
+    /// This request's place in the round robin (kept across connect retries).
+    pub upstream_start: Option<usize>,
     pub listing: Option<ListingBuffer>,
     /// Token accounting over the response body (successful model responses).
     pub scanner: Option<UsageScanner>,
@@ -234,6 +236,7 @@ impl Gateway {
         if !principal.models.permits(&name) {
             return Err(GatewayError::ModelNotAllowed(truncate(&parsed.model)));
         }
+        let model = name.as_str().to_string();
         ctx.request_body_len = bytes.len();
         // OpenAI streams carry usage only when asked: ask upstream, hide it from the client.
         let bytes = if matches!(
@@ -247,7 +250,7 @@ impl Gateway {
         } else {
             bytes
         };
-        ctx.model = Some(parsed.model);
+        ctx.model = Some(model);
         ctx.stream = parsed.stream;
         ctx.body = Some(bytes);
         Ok(())
@@ -338,6 +341,7 @@ impl ProxyHttp for Gateway {
             stream: None,
             target: None,
             attempt: 0,
+            upstream_start: None,
             listing: None,
             scanner: None,
             stripper: None,
@@ -387,12 +391,13 @@ impl ProxyHttp for Gateway {
             Err(e) => return self.refuse(session, ctx, e).await,
         };
         ctx.principal = Some(principal.clone());
+        if let Err(e) = self.check_model(session, ctx, &route, &principal).await {
+            return self.refuse(session, ctx, e).await;
+        }
+        // Taken only once the body is in: a slow uploader holds no upstream slot.
         match self.take_upstream_slot() {
             Ok(slot) => ctx.upstream_slot = Some(slot),
             Err(e) => return self.refuse(session, ctx, e).await,
-        }
-        if let Err(e) = self.check_model(session, ctx, &route, &principal).await {
-            return self.refuse(session, ctx, e).await;
         }
         Ok(false)
     }
@@ -402,7 +407,10 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let target = self.state.upstreams.pick(ctx.attempt).clone();
+        let start = *ctx
+            .upstream_start
+            .get_or_insert_with(|| self.state.upstreams.start_index());
+        let target = self.state.upstreams.pick(start, ctx.attempt).clone();
         let peer = self.state.upstreams.peer(&target);
         ctx.target = Some(target);
         Ok(Box::new(peer))
@@ -502,6 +510,16 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // Only the gateway's CORS policy applies, never Ollama's own.
+        let upstream_cors: Vec<http::HeaderName> = upstream_response
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in upstream_cors {
+            upstream_response.remove_header(&name);
+        }
         for (k, v) in &ctx.cors {
             upstream_response.insert_header(k.clone(), v.clone())?;
         }

@@ -173,8 +173,14 @@ pub fn normalize_path(raw: &str) -> Result<String, GatewayError> {
             i += 1;
         }
     }
-    if decoded.iter().any(|&b| b < 0x20 || b == 0x7f || b == b'\\') {
-        return Err(bad("control byte or backslash"));
+    // Only what RFC 3986 allows in a path segment, decoded: nothing that would change meaning
+    // when the canonical path is written out again (`?`, `#`, spaces, quotes, backslashes,
+    // control bytes, non-ASCII).
+    if !decoded
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b))
+    {
+        return Err(bad("character not allowed in a path"));
     }
     if decoded.contains(&b'%') {
         // No route contains '%': a second layer of encoding is only ever an evasion attempt.
@@ -267,7 +273,11 @@ pub fn classify(method: &Method, normalized: &str) -> Result<Route, GatewayError
 pub fn forwarded_paths() -> Vec<(String, Method)> {
     ROUTE_TABLE
         .iter()
-        .map(|(pattern, _, methods)| (pattern.replace("{model}", "llama3.2"), methods[0].clone()))
+        .flat_map(|(pattern, _, methods)| {
+            methods
+                .iter()
+                .map(move |m| (pattern.replace("{model}", "llama3.2"), m.clone()))
+        })
         .filter(|(path, method)| classify(method, path).is_ok_and(|r| !r.is_gateway_endpoint()))
         .collect()
 }
@@ -307,6 +317,11 @@ mod tests {
             "/api/\x01chat",
             "/api/%ff",
             "api/chat",
+            "/v1/models/gpt-oss:120b-cloud%3F",
+            "/v1/models/x%23y",
+            "/v1/models/a%20b",
+            "/v1/models/a\"b",
+            "/v1/models/\u{e9}",
         ] {
             assert!(normalize_path(raw).is_err(), "{raw:?}");
         }
@@ -362,10 +377,18 @@ mod tests {
     #[test]
     fn every_forwarded_path_classifies() {
         let paths = forwarded_paths();
+        let routes: std::collections::BTreeSet<&str> =
+            paths.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
-            paths.len(),
+            routes.len(),
             ROUTE_TABLE.len() - 3,
             "all but the three gateway endpoints"
+        );
+        assert!(
+            paths
+                .iter()
+                .any(|(p, m)| p == "/api/tags" && *m == Method::HEAD),
+            "every method of a route"
         );
         for (path, method) in paths {
             let r = classify(&method, &path).unwrap();

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::Authenticator;
 use crate::auth::cache::{DigestKey, PrincipalCache};
-use crate::auth::change_feed::ChangeFollower;
+use crate::auth::change_feed::{ChangeFollower, ChangeLog};
 use crate::auth::hasher::KeyHasher;
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
@@ -48,12 +48,19 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         redis.clone(),
     ));
     // Its own one-connection pool, created on the background service's runtime.
-    let follower = ChangeFollower::new(Store::new(&db_url, 1)?, cache.clone());
+    let changes = Arc::new(ChangeLog::default());
+    let follower = ChangeFollower::new(
+        Store::new(&db_url, 1)?,
+        cache.clone(),
+        changes.clone(),
+        settings.key_cache_ttl,
+    );
     let auth = Authenticator::new(
         DigestKey::new(&secret),
         cache,
         hasher,
         store.clone(),
+        changes,
         settings.auth_failure_limit_per_min,
     );
     let upstreams = Upstreams::new(&settings)?;

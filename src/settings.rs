@@ -352,7 +352,9 @@ impl Reader<'_> {
         };
         let v = v.trim();
         let d = match v.parse::<f64>() {
-            Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+            Ok(secs) if secs > 0.0 => {
+                Duration::try_from_secs_f64(secs).map_err(|_| invalid(name, "is too large"))?
+            }
             Ok(_) => return Err(invalid(name, "must be positive")),
             Err(_) => humantime::parse_duration(v)
                 .map_err(|_| invalid(name, format!("`{v}` is not a duration like 5s or 10m")))?,
@@ -448,6 +450,7 @@ mod tests {
             ("TRUSTED_PROXIES", "10.0.0.0/99"),
             ("KEY_CACHE_SECRET", "short"),
             ("REDIS_KEY_CACHE_TTL_S", "-1"),
+            ("UPSTREAM_READ_TIMEOUT", "1e30"),
         ];
         for (name, value) in cases {
             let err = Settings::from_map(&map(&[(name, value)])).unwrap_err();

@@ -109,13 +109,18 @@ impl Store {
     }
 
     pub async fn update_key_hash(&self, key_id: i64, hash: &str) -> Result<(), StoreError> {
-        // Not a policy change: the change-feed trigger ignores hash-only updates, so caches
-        // keep the key.
+        // Same key, new parameters: not a change for anyone's cache, so the change-feed trigger
+        // is told to skip this transaction (a re-key from the console is still fed).
+        let mut tx = self.pool().await.begin().await?;
+        sqlx::query("SET LOCAL nz.internal_rehash = 'on'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("UPDATE api_keys SET key_hash = $2 WHERE id = $1")
             .bind(key_id)
             .bind(hash)
-            .execute(self.pool().await)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -201,10 +206,17 @@ fn decode_key_record(row: &PgRow) -> Result<KeyRecord, StoreError> {
         key_name: row.try_get("key_name")?,
     };
     let status: String = row.try_get("tenant_status")?;
+    let revoked_at: Option<DateTime<Utc>> = row.try_get("revoked_at")?;
+    let expires_at: Option<DateTime<Utc>> = row.try_get("expires_at")?;
+    // A revocation scheduled for later is an expiry as far as a cached key is concerned.
+    let ends_at = match (expires_at, revoked_at) {
+        (Some(e), Some(r)) => Some(e.min(r)),
+        (e, r) => e.or(r),
+    };
     Ok(KeyRecord {
         key_hash: row.try_get("key_hash")?,
-        revoked_at: row.try_get("revoked_at")?,
+        revoked_at,
         tenant_suspended: status != "active",
-        principal: Principal::flatten(ids, row.try_get("expires_at")?, &tenant, &key),
+        principal: Principal::flatten(ids, ends_at, &tenant, &key),
     })
 }

@@ -29,6 +29,9 @@ const STRIPPED: &[&str] = &[
     "trailer",
     "upgrade",
     "expect",
+    // CORS is the gateway's business: Ollama would apply its own origin list (and answer 403)
+    // to an origin the gateway allowed.
+    "origin",
 ];
 
 pub struct Upstreams {
@@ -76,14 +79,14 @@ impl Upstreams {
         self.auth_value.is_some()
     }
 
-    /// Round-robin start, then the next backend on each retry after a connect failure.
-    pub fn pick(&self, attempt: usize) -> &UpstreamTarget {
-        let start = if attempt == 0 {
-            self.next.fetch_add(1, Ordering::Relaxed)
-        } else {
-            self.next.load(Ordering::Relaxed).wrapping_sub(1)
-        };
-        &self.targets[(start.wrapping_add(attempt)) % self.targets.len()]
+    /// Where a new request starts in the round robin.
+    pub fn start_index(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The backend for a request that started at `start`, after `attempt` connect failures.
+    pub fn pick(&self, start: usize, attempt: usize) -> &UpstreamTarget {
+        &self.targets[start.wrapping_add(attempt) % self.targets.len()]
     }
 
     pub fn targets(&self) -> &[UpstreamTarget] {
@@ -109,9 +112,15 @@ impl Upstreams {
         path_and_query: &str,
         request_id: &str,
     ) -> pingora::Result<()> {
-        if let Ok(uri) = path_and_query.parse::<http::Uri>() {
-            req.set_uri(uri);
-        }
+        // The canonical path only holds RFC 3986 path characters, so this cannot fail; if it
+        // ever did, refusing beats forwarding the client's raw URI.
+        let uri = path_and_query.parse::<http::Uri>().map_err(|_| {
+            pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "canonical path is not a URI",
+            )
+        })?;
+        req.set_uri(uri);
         strip_client_headers(req);
         req.insert_header(http::header::HOST, target.host_header())?;
         if let Some(value) = &self.auth_value {

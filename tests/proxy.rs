@@ -165,6 +165,7 @@ fn upstream_sees_gateway_token_never_client_key() {
             ("Cookie", "session=abc"),
             ("Connection", "x-hop"),
             ("x-hop", "1"),
+            ("Origin", "https://app.example"),
         ],
     );
     assert_eq!(r.status, 200, "{}", r.text());
@@ -197,6 +198,7 @@ fn upstream_sees_gateway_token_never_client_key() {
         );
         assert!(find("cookie").is_none());
         assert!(find("x-hop").is_none());
+        assert!(find("origin").is_none(), "CORS is the gateway's business");
         let host = find("host").expect("host");
         assert_eq!(host, s.sim.addr, "Host rewritten to the upstream address");
         assert!(find("x-request-id").is_some());
@@ -256,13 +258,17 @@ fn mutation_endpoints_are_refused_before_auth_in_every_spelling() {
             }
         }
     }
-    // Encoded slashes, NUL and backslashes are refused outright.
+    // Encoded slashes, NUL, backslashes and characters that would change the forwarded URI
+    // are refused outright.
     for path in [
         "/api%2Fpull",
         "/api%2fpull",
         "/api/pull%00",
         "/api\\pull",
         "/api/pu%256cl",
+        "/v1/models/gpt-oss:120b-cloud%3F",
+        "/v1/models/gpt-oss:120b-cloud%23x",
+        "/v1/models/a%20b",
     ] {
         let r = http::request(&s.gw.addr, "POST", path, &[], Some(b"{}"));
         assert_eq!(r.status, 400, "{path}");
@@ -352,6 +358,10 @@ fn allow_list_bypasses_are_closed() {
         r#"{"MODEL":"mistral:7b","messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"llama3.2","\u006dodel":"mistral:7b","messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"llama3.2","stream":false,"Stream":true}"#,
+        // Go folds U+017F (long s) to 's' and U+212A (Kelvin) to 'k' when matching fields.
+        r#"{"model":"llama3.2","stream":false,"\u017ftream":true,"messages":[]}"#,
+        "{\"model\":\"llama3.2\",\"\u{17F}tream\":true}",
+        r#"{"model":"llama3.2","options":{"num_ctx":1,"NUM_CTX":9}}"#,
     ];
     for body in refused_400 {
         let r = post(&s, "/api/chat", body, &[]);

@@ -108,6 +108,10 @@ fn suspension_model_changes_and_direct_sql_reach_every_gateway() {
     p.a.cli(&["suspend-tenant", "--name", "acme"]);
     let took = until_both(&p, &key2, CHAT, 401);
     assert!(took < Duration::from_secs(1), "suspension took {took:?}");
+    // ... and resuming is just as quick (refusals are not remembered past a change).
+    p.a.cli(&["suspend-tenant", "--name", "acme", "--resume"]);
+    let took = until_both(&p, &key2, CHAT, 200);
+    assert!(took < Duration::from_secs(1), "resume took {took:?}");
 
     // The separate console changes rows directly.
     p.a.cli(&["create-tenant", "--name", "other", "--allow-all-models"]);

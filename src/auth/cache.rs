@@ -116,10 +116,14 @@ impl PrincipalCache {
         );
     }
 
-    /// Drops every local entry of one key or tenant (revocation and policy changes).
+    /// Drops every local entry of one key or tenant (revocation and policy changes), and every
+    /// negative entry: a resumed tenant or un-revoked key must not stay refused.
     pub fn evict_where(&self, pred: impl Fn(&Principal) -> bool) {
         if let Ok(mut map) = self.local.write() {
-            map.retain(|_, e| !matches!(e, Entry::Valid { principal, .. } if pred(principal)));
+            map.retain(|_, e| match e {
+                Entry::Valid { principal, .. } => !pred(principal),
+                Entry::Invalid { .. } => false,
+            });
         }
     }
 

@@ -10,9 +10,10 @@
 //! with an id below one already seen. The poll therefore re-reads a window below the highest
 //! id and remembers which ids it has applied.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -24,13 +25,76 @@ use crate::log_throttle::LogEvery;
 use crate::store::Store;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Changes whose Redis cleanup keeps failing, kept for retry.
+const MAX_RETRY: usize = 100_000;
 /// How far below the highest applied id a late-committing change is still picked up.
 const LATE_COMMIT_WINDOW: i64 = 1000;
 
 pub struct ChangeFollower {
     store: Store,
     cache: Arc<PrincipalCache>,
+    changes: Arc<ChangeLog>,
+    /// How far back to replay at start-up: entries other instances cached before this one
+    /// started may be stale by changes made in that time.
+    replay: Duration,
     errors: LogEvery,
+}
+
+/// The latest change applied per key and per tenant, shared with the authenticator so a cached
+/// principal older than a change is treated as a miss (closes the race between a cache fill
+/// and an invalidation, here and through Redis on every instance).
+#[derive(Default)]
+pub struct ChangeLog {
+    high: AtomicI64,
+    latest: RwLock<Latest>,
+}
+
+#[derive(Default)]
+struct Latest {
+    keys: HashMap<i64, (i64, Instant)>,
+    tenants: HashMap<i64, (i64, Instant)>,
+}
+
+impl ChangeLog {
+    /// The highest change id applied so far.
+    pub fn high(&self) -> i64 {
+        self.high.load(Ordering::Acquire)
+    }
+
+    /// The latest change applied to this key or its tenant (0 if none is remembered).
+    pub fn latest_for(&self, tenant_id: i64, key_id: i64) -> i64 {
+        let Ok(l) = self.latest.read() else {
+            return i64::MAX;
+        };
+        let key = l.keys.get(&key_id).map_or(0, |e| e.0);
+        let tenant = l.tenants.get(&tenant_id).map_or(0, |e| e.0);
+        key.max(tenant)
+    }
+
+    fn record(&self, change: &Change) {
+        if let Ok(mut l) = self.latest.write() {
+            let now = Instant::now();
+            let map = if change.key_id.is_some() {
+                &mut l.keys
+            } else {
+                &mut l.tenants
+            };
+            let subject = change.key_id.unwrap_or(change.tenant_id);
+            let entry = map.entry(subject).or_insert((0, now));
+            *entry = (entry.0.max(change.id), now);
+        }
+        self.high.fetch_max(change.id, Ordering::AcqRel);
+    }
+
+    /// Forgets changes no cached entry can predate any more.
+    fn prune(&self, older_than: Duration) {
+        if let Ok(mut l) = self.latest.write() {
+            let keep = |e: &mut (i64, Instant)| e.1.elapsed() < older_than;
+            l.keys.retain(|_, e| keep(e));
+            l.tenants.retain(|_, e| keep(e));
+        }
+    }
 }
 
 /// One row of the feed: a key (`key_id` set) or a whole tenant changed.
@@ -81,18 +145,30 @@ impl FeedCursor {
 }
 
 impl ChangeFollower {
-    pub fn new(store: Store, cache: Arc<PrincipalCache>) -> Self {
+    pub fn new(
+        store: Store,
+        cache: Arc<PrincipalCache>,
+        changes: Arc<ChangeLog>,
+        cache_ttl: Duration,
+    ) -> Self {
         Self {
             store,
             cache,
+            changes,
+            replay: cache_ttl + Duration::from_secs(5),
             errors: LogEvery::new(Duration::from_secs(30)),
         }
     }
 
-    async fn highest_id(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM revocations")
-            .fetch_one(self.store.pool().await)
-            .await
+    /// Where following starts: before every change recent enough to matter to a cache entry.
+    async fn starting_id(&self) -> Result<i64, sqlx::Error> {
+        let secs = i64::try_from(self.replay.as_secs()).unwrap_or(i64::MAX);
+        sqlx::query_scalar(
+            "SELECT COALESCE(max(id), 0) FROM revocations WHERE created_at < now() - make_interval(secs => $1)",
+        )
+        .bind(secs as f64)
+        .fetch_one(self.store.pool().await)
+        .await
     }
 
     async fn changes_above(&self, low: i64) -> Result<Vec<Change>, sqlx::Error> {
@@ -113,12 +189,18 @@ impl ChangeFollower {
             .collect()
     }
 
-    async fn apply(&self, change: Change) {
-        if let Err(e) = self.cache.invalidate(change.tenant_id, change.key_id).await {
-            // The local cache is already cleared; the Redis entry expires with its TTL.
-            self.errors.warn(
-                || tracing::warn!(error = %e, "could not delete changed keys from the redis cache"),
-            );
+    /// Records the change (so stale copies anywhere are misses from now on) and evicts the
+    /// affected principals. `false` when Redis could not be cleaned: the caller retries.
+    async fn apply(&self, change: Change) -> bool {
+        self.changes.record(&change);
+        match self.cache.invalidate(change.tenant_id, change.key_id).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.errors.warn(|| {
+                    tracing::warn!(error = %e, "could not delete changed keys from the redis cache; will retry")
+                });
+                false
+            }
         }
     }
 }
@@ -127,8 +209,10 @@ impl ChangeFollower {
 impl BackgroundService for ChangeFollower {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut cursor: Option<FeedCursor> = None;
+        let mut retry: Vec<Change> = Vec::new();
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -136,27 +220,32 @@ impl BackgroundService for ChangeFollower {
             }
             let result = match cursor.as_mut() {
                 None => self
-                    .highest_id()
+                    .starting_id()
                     .await
-                    .map(|high| cursor = Some(FeedCursor::starting_at(high))),
-                Some(c) => match self.changes_above(c.low_water()).await {
-                    Ok(rows) => {
-                        for change in c.take_new(rows) {
-                            tracing::debug!(
-                                change = change.id,
-                                tenant_id = change.tenant_id,
-                                key_id = change.key_id,
-                                "invalidating cached keys"
-                            );
-                            self.apply(change).await;
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                },
+                    .map(|start| cursor = Some(FeedCursor::starting_at(start))),
+                Some(c) => self.changes_above(c.low_water()).await.map(|rows| {
+                    retry.extend(c.take_new(rows));
+                }),
             };
             if let Err(e) = result {
                 self.errors.warn(|| tracing::warn!(error = %e, "change feed unavailable; cached keys keep their state until postgres answers"));
+            }
+            // Redis cleanup that failed is retried until it succeeds (bounded).
+            let pending = std::mem::take(&mut retry);
+            for change in pending {
+                tracing::debug!(
+                    change = change.id,
+                    tenant_id = change.tenant_id,
+                    key_id = change.key_id,
+                    "invalidating cached keys"
+                );
+                if !self.apply(change).await && retry.len() < MAX_RETRY {
+                    retry.push(change);
+                }
+            }
+            if last_prune.elapsed() > PRUNE_EVERY {
+                self.changes.prune(self.replay * 2);
+                last_prune = Instant::now();
             }
         }
     }
@@ -165,6 +254,28 @@ impl BackgroundService for ChangeFollower {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_log_marks_older_copies_stale() {
+        let log = ChangeLog::default();
+        assert_eq!(log.latest_for(1, 10), 0);
+        log.record(&Change {
+            id: 5,
+            tenant_id: 1,
+            key_id: Some(10),
+        });
+        log.record(&Change {
+            id: 7,
+            tenant_id: 2,
+            key_id: None,
+        });
+        assert_eq!(log.latest_for(1, 10), 5);
+        assert_eq!(log.latest_for(2, 11), 7, "a tenant change covers its keys");
+        assert_eq!(log.latest_for(1, 11), 0);
+        assert_eq!(log.high(), 7);
+        log.prune(Duration::ZERO);
+        assert_eq!(log.latest_for(1, 10), 0);
+    }
 
     fn c(id: i64) -> Change {
         Change {

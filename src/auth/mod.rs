@@ -1,7 +1,7 @@
 //! Bearer authentication (SPEC §3). The verification path, cheapest first:
 //!
 //! ```text
-//! Authorization → shape check → local cache → [throttle] → Redis cache → Postgres by prefix
+//! Authorization → local cache → shape check → Redis cache → [throttle] → Postgres by prefix
 //!               → Argon2 verify (blocking pool) → cache the Principal (local + Redis)
 //! ```
 //!
@@ -25,6 +25,7 @@ use chrono::Utc;
 use crate::principal::Principal;
 use crate::store::Store;
 use cache::{DigestKey, LocalHit, PrincipalCache};
+use change_feed::ChangeLog;
 use hasher::{HashError, KeyHasher};
 use throttle::FailureThrottle;
 
@@ -72,6 +73,7 @@ pub struct Authenticator {
     hasher: Arc<KeyHasher>,
     store: Arc<Store>,
     throttle: FailureThrottle,
+    changes: Arc<ChangeLog>,
     redis_warning: crate::log_throttle::LogEvery,
 }
 
@@ -88,6 +90,7 @@ impl Authenticator {
         cache: Arc<PrincipalCache>,
         hasher: Arc<KeyHasher>,
         store: Arc<Store>,
+        changes: Arc<ChangeLog>,
         failures_per_min: u32,
     ) -> Self {
         Self {
@@ -96,6 +99,7 @@ impl Authenticator {
             hasher,
             store,
             throttle: FailureThrottle::new(failures_per_min),
+            changes,
             redis_warning: crate::log_throttle::LogEvery::new(std::time::Duration::from_secs(30)),
         }
     }
@@ -117,27 +121,51 @@ impl Authenticator {
         }
         let digest = self.digest_key.digest(token);
         match self.cache.local(&digest) {
-            LocalHit::Valid(p) => return check_still_valid(p),
+            LocalHit::Valid(p) if self.is_current(&p) => return check_still_valid(p),
             LocalHit::Invalid => return Err(self.fail(ip, RejectReason::NegativeCached)),
-            LocalHit::Miss => {}
-        }
-        if let Some(retry) = ip.and_then(|ip| self.throttle.blocked(ip)) {
-            return Err(AuthError::Throttled(retry));
+            LocalHit::Valid(_) | LocalHit::Miss => {}
         }
         if !key::is_well_formed(token) {
             return Err(self.fail(ip, RejectReason::Malformed));
         }
         match self.cache.redis_get(&digest).await {
-            Ok(Some(principal)) => {
+            Ok(Some(principal)) if self.is_current(&principal) => {
                 let p = Arc::new(principal);
                 self.cache.remember_valid(digest, p.clone());
                 return check_still_valid(p);
             }
-            Ok(None) => {}
+            Ok(_) => {}
             // Postgres can still answer; the outage is logged once per interval, not per request.
             Err(e) => self.redis_warning.warn(|| tracing::warn!(error = %e, "redis key cache unavailable; resolving keys from postgres")),
         }
-        self.resolve_from_store(token, digest, ip).await
+        // Only here, after both caches missed, may other clients' failures slow this one down.
+        if let Some(retry) = ip.and_then(|ip| self.throttle.blocked(ip)) {
+            return Err(AuthError::Throttled(retry));
+        }
+        // A change applied while we read and verified makes what we read suspect: read again.
+        for _ in 0..3 {
+            let seen = self.changes.high();
+            let principal = self.resolve_from_store(token, digest, ip).await?;
+            if self
+                .changes
+                .latest_for(principal.tenant_id, principal.key_id)
+                <= seen
+            {
+                let mut principal = principal;
+                principal.feed_seq = seen;
+                let principal = Arc::new(principal);
+                self.cache.remember_valid(digest, principal.clone());
+                self.spawn_cache_fill(digest, principal.clone());
+                return Ok(principal);
+            }
+        }
+        Err(AuthError::Unavailable)
+    }
+
+    /// A cached principal is current unless a change to its key or tenant was applied after it
+    /// was resolved (its `feed_seq`).
+    fn is_current(&self, p: &Principal) -> bool {
+        self.changes.latest_for(p.tenant_id, p.key_id) <= p.feed_seq
     }
 
     async fn resolve_from_store(
@@ -145,7 +173,7 @@ impl Authenticator {
         token: &str,
         digest: cache::TokenDigest,
         ip: Option<IpAddr>,
-    ) -> Result<Arc<Principal>, AuthError> {
+    ) -> Result<Principal, AuthError> {
         let record = match self.store.key_by_prefix(key::prefix_of(token)).await {
             Ok(r) => r,
             Err(e) => {
@@ -179,13 +207,10 @@ impl Authenticator {
             self.cache.remember_invalid(digest);
             return Err(self.fail(ip, reason));
         }
-        let principal = Arc::new(record.principal);
-        self.cache.remember_valid(digest, principal.clone());
-        self.spawn_cache_fill(digest, principal.clone());
         if verified.needs_rehash {
-            self.spawn_rehash(token.to_string(), principal.key_id);
+            self.spawn_rehash(token.to_string(), record.principal.key_id);
         }
-        Ok(principal)
+        Ok(record.principal)
     }
 
     fn fail(&self, ip: Option<IpAddr>, reason: RejectReason) -> AuthError {

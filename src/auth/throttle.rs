@@ -9,22 +9,41 @@ use pingora_limits::rate::Rate;
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// Count-min sketch size: 4 × 64 Ki slots (about 4 MiB for both windows). The sketch only
+/// over-counts on collisions; this size keeps that rare even when many addresses fail at once
+/// (the default 4 × 1024 would let ~2000 failing addresses push everyone over the limit).
+const HASHES: usize = 4;
+const SLOTS: usize = 64 * 1024;
+
 pub struct FailureThrottle {
     rate: Rate,
     limit: f64,
 }
 
+/// IPv6 clients get a /64 each, so one host cannot rotate through its prefix to dodge the
+/// throttle or to fill the sketch.
+fn subject(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::from(o)
+        }
+        v4 => v4,
+    }
+}
+
 impl FailureThrottle {
     pub fn new(limit_per_min: u32) -> Self {
         Self {
-            rate: Rate::new(WINDOW),
+            rate: Rate::new_with_estimator_config(WINDOW, HASHES, SLOTS),
             limit: f64::from(limit_per_min),
         }
     }
 
     /// `Some(retry_after)` when this address is over its failure budget.
     pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
-        let (estimate, fraction) = self.rate.rate_with(&ip, |c| {
+        let (estimate, fraction) = self.rate.rate_with(&subject(ip), |c| {
             // Sliding window: the previous minute weighted by how much of it still overlaps.
             let prev = c.prev_samples as f64 * (1.0 - c.current_interval_fraction);
             (prev + c.curr_samples as f64, c.current_interval_fraction)
@@ -37,7 +56,7 @@ impl FailureThrottle {
     }
 
     pub fn record_failure(&self, ip: IpAddr) {
-        self.rate.observe(&ip, 1);
+        self.rate.observe(&subject(ip), 1);
     }
 }
 
@@ -58,5 +77,14 @@ mod tests {
         let retry = t.blocked(bad).expect("blocked at the limit");
         assert!(retry <= Duration::from_secs(60) && retry >= Duration::from_secs(1));
         assert!(t.blocked(other).is_none());
+    }
+
+    #[test]
+    fn ipv6_hosts_share_their_64() {
+        let t = FailureThrottle::new(2);
+        t.record_failure("2001:db8::1".parse().unwrap());
+        t.record_failure("2001:db8::ffff:2".parse().unwrap());
+        assert!(t.blocked("2001:db8::3".parse().unwrap()).is_some());
+        assert!(t.blocked("2001:db8:0:1::3".parse().unwrap()).is_none());
     }
 }
