@@ -68,6 +68,14 @@ pub struct TenantInfo {
     pub status: String,
 }
 
+/// A `set-limits` change: values given are set, others kept; `clear` unsets all three.
+pub struct RateLimitsChange {
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub max_concurrent: Option<i64>,
+    pub clear: bool,
+}
+
 /// How a model list change is expressed on the command line.
 pub enum ModelsChange {
     List(Vec<String>),
@@ -347,6 +355,36 @@ impl Admin<'_> {
         .await?;
         let after = snapshot(&mut tx, limits_id, "allowed_models, allow_all_models").await?;
         self.audit(&mut tx, "set-models", &target, before, after)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sets the given rate limits (others unchanged), or clears all three with `clear`.
+    pub async fn set_limits(
+        &self,
+        subject: &Subject,
+        limits: RateLimitsChange,
+    ) -> Result<(), AdminError> {
+        let cols = "rpm, tpm, max_concurrent";
+        let mut tx = self.pool.begin().await?;
+        let (limits_id, target) = limits_row(&mut tx, subject).await?;
+        let before = snapshot(&mut tx, limits_id, cols).await?;
+        let sql = if limits.clear {
+            "UPDATE limits SET rpm = NULL, tpm = NULL, max_concurrent = NULL, updated_at = now() WHERE id = $1"
+        } else {
+            "UPDATE limits SET rpm = COALESCE($2, rpm), tpm = COALESCE($3, tpm), \
+             max_concurrent = COALESCE($4, max_concurrent), updated_at = now() WHERE id = $1"
+        };
+        sqlx::query(sql)
+            .bind(limits_id)
+            .bind(limits.rpm)
+            .bind(limits.tpm)
+            .bind(limits.max_concurrent)
+            .execute(&mut *tx)
+            .await?;
+        let after = snapshot(&mut tx, limits_id, cols).await?;
+        self.audit(&mut tx, "set-limits", &target, before, after)
             .await?;
         tx.commit().await?;
         Ok(())

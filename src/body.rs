@@ -28,6 +28,11 @@ pub struct ParsedBody {
     pub stream: Option<bool>,
     /// `stream_options.include_usage` is `true`.
     pub include_usage: bool,
+    /// Output caps the request sets (positive values only): `options.num_predict` (native),
+    /// `max_tokens` (OpenAI chat/completions), `max_output_tokens` (OpenAI responses).
+    pub num_predict: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Reads the whole request body, bounded by `limit`, leaving Pingora able to replay it.
@@ -242,10 +247,25 @@ pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError>
             }
         }
     };
+    let positive = |v: Option<&RawValue>| {
+        v.and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n > 0)
+    };
+    let num_predict = get("options")
+        .and_then(|v| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(v.get()).ok()
+        })
+        .and_then(|o| o.get("num_predict").and_then(serde_json::Value::as_i64))
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n > 0);
     Ok(ParsedBody {
         model,
         stream,
         include_usage,
+        num_predict,
+        max_tokens: positive(get("max_tokens")),
+        max_output_tokens: positive(get("max_output_tokens")),
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::admin::{Admin, ModelsChange, Subject};
+use crate::admin::{Admin, ModelsChange, RateLimitsChange, Subject};
 use crate::auth::hasher::KeyHasher;
 use crate::settings::{LogFormat, Settings};
 use crate::store;
@@ -107,6 +107,22 @@ pub enum Command {
         subject: SubjectArgs,
         #[command(flatten)]
         change: ModelsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a tenant's or key's rate limits (requests/tokens per minute, concurrent requests).
+    SetLimits {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        rpm: Option<i64>,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        tpm: Option<i64>,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        max_concurrent: Option<i64>,
+        /// Unset all three (a key then inherits its tenant's; a tenant is unlimited).
+        #[arg(long, conflicts_with_all = ["rpm", "tpm", "max_concurrent"])]
+        clear: bool,
         #[arg(long)]
         json: bool,
     },
@@ -289,6 +305,35 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
                 json,
                 &serde_json::json!({"updated": subject_label(&subject)}),
                 || format!("updated models of {}", subject_label(&subject)),
+            );
+        }
+        Command::SetLimits {
+            subject,
+            rpm,
+            tpm,
+            max_concurrent,
+            clear,
+            json,
+        } => {
+            if !clear && rpm.is_none() && tpm.is_none() && max_concurrent.is_none() {
+                anyhow::bail!("set-limits needs --rpm, --tpm, --max-concurrent or --clear");
+            }
+            let subject = subject.subject();
+            admin
+                .set_limits(
+                    &subject,
+                    RateLimitsChange {
+                        rpm,
+                        tpm,
+                        max_concurrent,
+                        clear,
+                    },
+                )
+                .await?;
+            emit(
+                json,
+                &serde_json::json!({"updated": subject_label(&subject)}),
+                || format!("updated limits of {}", subject_label(&subject)),
             );
         }
         Command::SetPolicy {

@@ -33,6 +33,12 @@ pub enum GatewayError {
     Unauthorized,
     #[error("too many failed authentication attempts; try again later")]
     AuthThrottled { retry_after: Duration },
+    /// RPM, TPM or concurrency; the message names the scope, the limit and the wait.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("this endpoint is disabled on this gateway")]
     MutationBlocked,
     #[error("model '{0}' is not allowed for this API key")]
@@ -75,7 +81,7 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             Self::Unauthorized => 401,
-            Self::AuthThrottled { .. } => 429,
+            Self::AuthThrottled { .. } | Self::RateLimited { .. } => 429,
             Self::MutationBlocked
             | Self::ModelNotAllowed(_)
             | Self::SourceNotAllowed
@@ -99,6 +105,7 @@ impl GatewayError {
         match self {
             Self::Unauthorized => "invalid_api_key",
             Self::AuthThrottled { .. } => "auth_throttled",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::MutationBlocked => "endpoint_disabled",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
@@ -134,7 +141,9 @@ impl GatewayError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::AuthThrottled { retry_after } => Some(*retry_after),
+            Self::AuthThrottled { retry_after } | Self::RateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
             Self::Unavailable(_) | Self::UpstreamSaturated => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -14,6 +14,7 @@ pub mod body;
 pub mod cli;
 pub mod cors;
 pub mod errors;
+pub mod limits;
 pub mod listing;
 pub mod log_throttle;
 pub mod models;

@@ -35,6 +35,7 @@ use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
 use crate::body;
 use crate::cors;
 use crate::errors::{GatewayError, Surface};
+use crate::limits::{Admission, LimitError, LimitKind, Limiter};
 use crate::listing::ListingBuffer;
 use crate::models::ModelName;
 use crate::principal::Principal;
@@ -48,6 +49,7 @@ use crate::upstream::Upstreams;
 /// Everything the proxy shares across requests.
 pub struct AppState {
     pub settings: Settings,
+    pub limiter: Limiter,
     pub auth: Authenticator,
     pub upstreams: Upstreams,
     pub readiness: Readiness,
@@ -82,6 +84,10 @@ pub struct RequestCtx {
     strip_usage: bool,
     /// Bytes of the client's own request body (the prompt estimate's basis).
     pub request_body_len: usize,
+    /// Tokens reserved against TPM at admission (prompt estimate + output cap).
+    pub reservation: u64,
+    pub admission: Option<Admission>,
+    limits_checked: bool,
     pub outcome: Option<Outcome>,
     pub upstream_slot: Option<UpstreamSlot>,
     pub upstream_status: Option<u16>,
@@ -91,7 +97,7 @@ pub struct RequestCtx {
     pub cors: ExtraHeaders,
 }
 
-enum Admission {
+enum Arrival {
     Route(Route),
     /// An `OPTIONS` preflight, answered before auth.
     Preflight,
@@ -134,7 +140,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-    ) -> Result<Admission, GatewayError> {
+    ) -> Result<Arrival, GatewayError> {
         let req = session.req_header();
         let normalized = routes::normalize_path(req.uri.path())?;
         ctx.surface = routes::surface_of(&normalized);
@@ -143,14 +149,14 @@ impl Gateway {
         }
         ctx.cors = cors::response_headers(&self.state.settings, req);
         if req.method == http::Method::OPTIONS {
-            return Ok(Admission::Preflight);
+            return Ok(Arrival::Preflight);
         }
         let route = routes::classify(&req.method, &normalized)?;
         ctx.path_and_query = match req.uri.query() {
             Some(q) => format!("{}?{q}", route.path),
             None => route.path.clone(),
         };
-        Ok(Admission::Route(route))
+        Ok(Arrival::Route(route))
     }
 
     async fn authenticate(
@@ -250,6 +256,14 @@ impl Gateway {
         } else {
             bytes
         };
+        let output_cap = match route.kind {
+            RouteKind::ApiEmbed | RouteKind::ApiEmbeddings | RouteKind::V1Embeddings => Some(0),
+            RouteKind::V1ChatCompletions | RouteKind::V1Completions => parsed.max_tokens,
+            RouteKind::V1Responses => parsed.max_output_tokens,
+            _ => parsed.num_predict,
+        };
+        ctx.reservation = accounting::estimate_prompt_tokens(ctx.request_body_len)
+            + output_cap.unwrap_or(self.state.settings.tpm_default_output_tokens);
         ctx.model = Some(model);
         ctx.stream = parsed.stream;
         ctx.body = Some(bytes);
@@ -301,6 +315,32 @@ impl Gateway {
     }
 }
 
+fn limit_refusal(e: LimitError) -> GatewayError {
+    match e {
+        LimitError::Unavailable => GatewayError::Unavailable("rate limiter"),
+        LimitError::Exceeded {
+            scope,
+            kind,
+            limit,
+            retry_after,
+        } => {
+            let what = match kind {
+                LimitKind::Requests => "requests per minute (RPM)",
+                LimitKind::Tokens => "tokens per minute (TPM)",
+                LimitKind::Concurrency => "concurrent requests",
+            };
+            GatewayError::RateLimited {
+                message: format!(
+                    "Rate limit reached for this {} on {what}: limit {limit}. Please try again in {}s.",
+                    scope.as_str(),
+                    retry_after.as_secs()
+                ),
+                retry_after,
+            }
+        }
+    }
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(200).collect()
 }
@@ -347,6 +387,9 @@ impl ProxyHttp for Gateway {
             stripper: None,
             strip_usage: false,
             request_body_len: 0,
+            reservation: 0,
+            admission: None,
+            limits_checked: false,
             outcome: None,
             upstream_slot: None,
             upstream_status: None,
@@ -370,8 +413,8 @@ impl ProxyHttp for Gateway {
                 .map(|v| v.as_bytes()),
         );
         let route = match self.admit(session, ctx).await {
-            Ok(Admission::Route(route)) => route,
-            Ok(Admission::Preflight) => {
+            Ok(Arrival::Route(route)) => route,
+            Ok(Arrival::Preflight) => {
                 if let Err(e) = cors::check_preflight(&self.state.settings, session.req_header()) {
                     return self.refuse(session, ctx, e).await;
                 }
@@ -435,6 +478,29 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
+        // Once per request, not per connect attempt.
+        if !ctx.limits_checked {
+            ctx.limits_checked = true;
+            if let Some(principal) = ctx.principal.clone() {
+                match self
+                    .state
+                    .limiter
+                    .admit(&principal, ctx.reservation, &ctx.request_id)
+                    .await
+                {
+                    Ok(admission) => ctx.admission = admission,
+                    Err(e) => {
+                        let err = limit_refusal(e);
+                        let status = err.status();
+                        ctx.error = Some(err);
+                        return Err(Error::explain(
+                            ErrorType::HTTPStatus(status),
+                            "refused by rate limits",
+                        ));
+                    }
+                }
+            }
+        }
         let Some(target) = ctx.target.as_ref() else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -510,6 +576,24 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(a) = ctx.admission.as_ref() {
+            let reset = crate::limits::reset_value(a.headers.reset_secs);
+            for (kind, values) in [
+                ("requests", a.headers.requests),
+                ("tokens", a.headers.tokens),
+            ] {
+                if let Some((limit, remaining)) = values {
+                    upstream_response
+                        .insert_header(format!("x-ratelimit-limit-{kind}"), limit.to_string())?;
+                    upstream_response.insert_header(
+                        format!("x-ratelimit-remaining-{kind}"),
+                        remaining.to_string(),
+                    )?;
+                    upstream_response
+                        .insert_header(format!("x-ratelimit-reset-{kind}"), reset.as_str())?;
+                }
+            }
+        }
         // Only the gateway's CORS policy applies, never Ollama's own.
         let upstream_cors: Vec<http::HeaderName> = upstream_response
             .headers
@@ -577,6 +661,11 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
+    fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, _error: &Error) -> bool {
+        // The gateway's own refusals (rate limits) are logged once, in `logging`.
+        ctx.error.is_some()
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -626,6 +715,10 @@ impl ProxyHttp for Gateway {
             ctx.outcome = Some(scanner.finish(ctx.request_body_len));
         }
         let outcome = ctx.outcome.as_ref();
+        if let Some(admission) = ctx.admission.take() {
+            let actual = outcome.map_or(0, |o| o.usage.total());
+            self.state.limiter.settle(&admission, actual).await;
+        }
         tracing::info!(
             request_id = %ctx.request_id,
             method = %session.req_header().method,

@@ -15,6 +15,8 @@ use crate::auth::Authenticator;
 use crate::auth::cache::{DigestKey, PrincipalCache};
 use crate::auth::change_feed::{ChangeFollower, ChangeLog};
 use crate::auth::hasher::KeyHasher;
+use crate::limits::Limiter;
+use crate::limits::leases::{LeaseBook, LeaseRenewer};
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
 use crate::settings::Settings;
@@ -66,7 +68,10 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let upstreams = Upstreams::new(&settings)?;
     let readiness = Readiness::new(store.clone(), redis.clone());
     let listen = settings.listen_addr.to_string();
+    let leases = Arc::new(LeaseBook::default());
+    let limiter = Limiter::new(redis.clone(), leases.clone(), settings.limits_fail_open);
     let state = Arc::new(AppState {
+        limiter,
         settings,
         auth,
         upstreams,
@@ -84,6 +89,13 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     );
     proxy.add_tcp(&listen);
     if let Some(client) = redis {
+        server.add_service(background_service(
+            "lease-renewal",
+            LeaseRenewer {
+                redis: client.clone(),
+                book: leases,
+            },
+        ));
         server.add_service(background_service(
             "redis-connection",
             RedisConnection { client },

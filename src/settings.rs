@@ -38,6 +38,8 @@ const KNOWN: &[&str] = &[
     "CORS_ALLOWED_ORIGINS",
     "AUTH_FAILURE_LIMIT_PER_MIN",
     "NEGATIVE_CACHE_TTL_S",
+    "LIMITS_FAIL_OPEN",
+    "TPM_DEFAULT_OUTPUT_TOKENS",
     "LOG_FORMAT",
 ];
 
@@ -112,6 +114,10 @@ pub struct Settings {
     pub key_cache_secret: Option<SecretString>,
     pub cors_allowed_origins: Vec<String>,
     pub auth_failure_limit_per_min: u32,
+    /// RPM/TPM/concurrency are not enforced (instead of 503) while Redis cannot answer.
+    pub limits_fail_open: bool,
+    /// Output tokens reserved against TPM for a request that sets no output cap.
+    pub tpm_default_output_tokens: u64,
     pub log_format: LogFormat,
 }
 
@@ -179,6 +185,13 @@ impl Settings {
             key_cache_secret: r.key_cache_secret()?,
             cors_allowed_origins: r.list("CORS_ALLOWED_ORIGINS"),
             auth_failure_limit_per_min: r.number("AUTH_FAILURE_LIMIT_PER_MIN", 30, 1, 1_000_000)?,
+            limits_fail_open: r.boolean("LIMITS_FAIL_OPEN", false)?,
+            tpm_default_output_tokens: r.number(
+                "TPM_DEFAULT_OUTPUT_TOKENS",
+                1024,
+                0,
+                10_000_000,
+            )?,
             log_format: match r.get("LOG_FORMAT").unwrap_or("text") {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -363,6 +376,15 @@ impl Reader<'_> {
             return Err(invalid(name, "must be positive"));
         }
         Ok(d)
+    }
+
+    fn boolean(&self, name: &str, default: bool) -> Result<bool, SettingsError> {
+        match self.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => Ok(true),
+            Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => Ok(false),
+            Some(v) => Err(invalid(name, format!("`{v}` is not true or false"))),
+        }
     }
 
     fn header_name(&self, name: &str, default: &str) -> Result<http::HeaderName, SettingsError> {

@@ -74,6 +74,9 @@ pub struct Authenticator {
     store: Arc<Store>,
     throttle: FailureThrottle,
     changes: Arc<ChangeLog>,
+    flights: std::sync::Mutex<
+        std::collections::HashMap<cache::TokenDigest, Arc<tokio::sync::Mutex<()>>>,
+    >,
     redis_warning: crate::log_throttle::LogEvery,
 }
 
@@ -100,6 +103,7 @@ impl Authenticator {
             store,
             throttle: FailureThrottle::new(failures_per_min),
             changes,
+            flights: std::sync::Mutex::default(),
             redis_warning: crate::log_throttle::LogEvery::new(std::time::Duration::from_secs(30)),
         }
     }
@@ -128,6 +132,46 @@ impl Authenticator {
         if !key::is_well_formed(token) {
             return Err(self.fail(ip, RejectReason::Malformed));
         }
+        // Single flight: a client opening many connections with a new key costs one lookup and
+        // one Argon2 verification, not one per connection (which would also exhaust the pool).
+        let flight = self.flight(digest);
+        let result = {
+            let _turn = flight.lock().await;
+            match self.cache.local(&digest) {
+                LocalHit::Valid(p) if self.is_current(&p) => check_still_valid(p),
+                LocalHit::Invalid => Err(self.fail(ip, RejectReason::NegativeCached)),
+                LocalHit::Valid(_) | LocalHit::Miss => {
+                    self.resolve_uncached(token, digest, ip).await
+                }
+            }
+        };
+        self.land(digest, &flight);
+        result
+    }
+
+    fn flight(&self, digest: cache::TokenDigest) -> Arc<tokio::sync::Mutex<()>> {
+        match self.flights.lock() {
+            Ok(mut m) => m.entry(digest).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Forgets the flight once nobody else waits on it.
+    fn land(&self, digest: cache::TokenDigest, flight: &Arc<tokio::sync::Mutex<()>>) {
+        if let Ok(mut m) = self.flights.lock()
+            && Arc::strong_count(flight) <= 2
+        {
+            m.remove(&digest);
+        }
+    }
+
+    /// Redis, then Postgres + Argon2, for a token no local entry answers.
+    async fn resolve_uncached(
+        &self,
+        token: &str,
+        digest: cache::TokenDigest,
+        ip: Option<IpAddr>,
+    ) -> Result<Arc<Principal>, AuthError> {
         match self.cache.redis_get(&digest).await {
             Ok(Some(principal)) if self.is_current(&principal) => {
                 let p = Arc::new(principal);

@@ -309,6 +309,12 @@ impl Gateway {
         self.proc = None;
     }
 
+    /// SIGKILL: no graceful shutdown, nothing cleaned up.
+    pub fn kill(&mut self) {
+        // `Child::kill` sends SIGKILL on Unix; dropping the `Proc` does exactly that.
+        self.proc = None;
+    }
+
     /// Runs a CLI command with the same settings; returns stdout, panics on failure.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = self.cli_raw(args);

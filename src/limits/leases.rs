@@ -1,0 +1,86 @@
+//! Concurrency leases this instance holds, renewed every few seconds by a background service so
+//! that a live instance keeps its slots and a crashed one loses them within `LEASE_TTL`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{Client, SortedSetsInterface};
+use fred::types::sorted_sets::Ordering as ZOrdering;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::LEASE_TTL;
+use crate::log_throttle::LogEvery;
+
+const RENEW_EVERY: Duration = Duration::from_secs(3);
+
+#[derive(Default)]
+pub struct LeaseBook {
+    held: Mutex<HashMap<String, Vec<String>>>,
+}
+
+impl LeaseBook {
+    pub fn hold(&self, member: &str, sets: &[String]) {
+        if let Ok(mut h) = self.held.lock() {
+            h.insert(member.to_string(), sets.to_vec());
+        }
+    }
+
+    pub fn release(&self, member: &str) {
+        if let Ok(mut h) = self.held.lock() {
+            h.remove(member);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(String, Vec<String>)> {
+        self.held
+            .lock()
+            .map(|h| h.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+pub struct LeaseRenewer {
+    pub redis: Client,
+    pub book: Arc<LeaseBook>,
+}
+
+#[async_trait]
+impl BackgroundService for LeaseRenewer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let warning = LogEvery::new(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(RENEW_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let held = self.book.snapshot();
+            if held.is_empty() {
+                continue;
+            }
+            let until = super::now_ms() + LEASE_TTL.as_millis() as u64;
+            let pipe = self.redis.pipeline();
+            for (member, sets) in &held {
+                for set in sets {
+                    // XX: only renew a lease that still exists (a settled one stays released).
+                    let _ = pipe
+                        .zadd::<(), _, _>(
+                            set.as_str(),
+                            Some(fred::types::SetOptions::XX),
+                            None::<ZOrdering>,
+                            false,
+                            false,
+                            (until as f64, member.as_str()),
+                        )
+                        .await;
+                }
+            }
+            if let Err(e) = pipe.all::<()>().await {
+                warning.warn(|| tracing::warn!(error = %e, "could not renew concurrency leases"));
+            }
+        }
+    }
+}
