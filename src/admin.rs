@@ -68,6 +68,25 @@ pub struct TenantInfo {
     pub status: String,
 }
 
+/// A `set-policy` change: `None` = leave as is, `Some(None)` = clear, `Some(Some(v))` = set.
+#[derive(Default)]
+pub struct PolicyChange {
+    pub allowed_cidrs: Option<Option<Vec<String>>>,
+    pub max_num_ctx: Option<Option<i64>>,
+    pub max_num_predict: Option<Option<i64>>,
+    /// `Some(Some("pass"))` forwards keep_alive as sent; `Some(None)` = clamp (the default).
+    pub keep_alive: Option<Option<String>>,
+}
+
+impl PolicyChange {
+    pub fn is_empty(&self) -> bool {
+        self.allowed_cidrs.is_none()
+            && self.max_num_ctx.is_none()
+            && self.max_num_predict.is_none()
+            && self.keep_alive.is_none()
+    }
+}
+
 /// A `set-limits` change: values given are set, others kept; `clear` unsets all three.
 pub struct RateLimitsChange {
     pub rpm: Option<i64>,
@@ -390,31 +409,46 @@ impl Admin<'_> {
         Ok(())
     }
 
-    /// `cidrs`: `Some(list)` restricts (empty = nobody), `None` lifts the restriction.
-    pub async fn set_allowed_cidrs(
+    /// Applies the parts of a policy change that are given; the rest stays.
+    pub async fn set_policy(
         &self,
         subject: &Subject,
-        cidrs: Option<Vec<String>>,
+        change: PolicyChange,
     ) -> Result<(), AdminError> {
-        let cidrs = cidrs
-            .map(|l| {
-                l.iter()
+        let cidrs = match &change.allowed_cidrs {
+            Some(Some(list)) => Some(Some(
+                list.iter()
                     .map(|c| parse_cidr(c).map(|n| n.trunc().to_string()))
                     .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()
-            .map_err(|e| invalid("--allowed-cidrs", e))?;
+                    .map_err(|e| invalid("--allowed-cidrs", e))?,
+            )),
+            other => other.clone(),
+        };
+        let cols = "allowed_cidrs::text[] AS allowed_cidrs, max_num_ctx, max_num_predict, keep_alive_policy";
         let mut tx = self.pool.begin().await?;
         let (limits_id, target) = limits_row(&mut tx, subject).await?;
-        let before = snapshot(&mut tx, limits_id, "allowed_cidrs::text[] AS allowed_cidrs").await?;
+        let before = snapshot(&mut tx, limits_id, cols).await?;
+        // Each `$n_set` flag says whether its column changes; `$n` is the new value (NULL clears).
         sqlx::query(
-            "UPDATE limits SET allowed_cidrs = $2::cidr[], updated_at = now() WHERE id = $1",
+            "UPDATE limits SET \
+               allowed_cidrs = CASE WHEN $2 THEN $3::cidr[] ELSE allowed_cidrs END, \
+               max_num_ctx = CASE WHEN $4 THEN $5 ELSE max_num_ctx END, \
+               max_num_predict = CASE WHEN $6 THEN $7 ELSE max_num_predict END, \
+               keep_alive_policy = CASE WHEN $8 THEN $9 ELSE keep_alive_policy END, \
+               updated_at = now() WHERE id = $1",
         )
         .bind(limits_id)
-        .bind(&cidrs)
+        .bind(cidrs.is_some())
+        .bind(cidrs.flatten())
+        .bind(change.max_num_ctx.is_some())
+        .bind(change.max_num_ctx.flatten())
+        .bind(change.max_num_predict.is_some())
+        .bind(change.max_num_predict.flatten())
+        .bind(change.keep_alive.is_some())
+        .bind(change.keep_alive.flatten())
         .execute(&mut *tx)
         .await?;
-        let after = json!({"allowed_cidrs": cidrs});
+        let after = snapshot(&mut tx, limits_id, cols).await?;
         self.audit(&mut tx, "set-policy", &target, before, after)
             .await?;
         tx.commit().await?;

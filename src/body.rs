@@ -28,11 +28,6 @@ pub struct ParsedBody {
     pub stream: Option<bool>,
     /// `stream_options.include_usage` is `true`.
     pub include_usage: bool,
-    /// Output caps the request sets (positive values only): `options.num_predict` (native),
-    /// `max_tokens` (OpenAI chat/completions), `max_output_tokens` (OpenAI responses).
-    pub num_predict: Option<u64>,
-    pub max_tokens: Option<u64>,
-    pub max_output_tokens: Option<u64>,
 }
 
 /// Reads the whole request body, bounded by `limit`, leaving Pingora able to replay it.
@@ -247,64 +242,95 @@ pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError>
             }
         }
     };
-    let positive = |v: Option<&RawValue>| {
-        v.and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
-            .and_then(|n| u64::try_from(n).ok())
-            .filter(|n| *n > 0)
-    };
-    let num_predict = get("options")
-        .and_then(|v| {
-            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(v.get()).ok()
-        })
-        .and_then(|o| o.get("num_predict").and_then(serde_json::Value::as_i64))
-        .and_then(|n| u64::try_from(n).ok())
-        .filter(|n| *n > 0);
     Ok(ParsedBody {
         model,
         stream,
         include_usage,
-        num_predict,
-        max_tokens: positive(get("max_tokens")),
-        max_output_tokens: positive(get("max_output_tokens")),
     })
 }
 
-/// The same body with `stream_options.include_usage` set to `true`, so an OpenAI stream ends
-/// with its usage. Every other member is copied verbatim (numbers, images and escapes keep
-/// their exact text); only `stream_options` is re-serialised. The body was checked by
-/// [`parse`] first, so its keys are unique.
-pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
+/// Changes to a request body's top-level members: `Some(value)` sets, `None` removes.
+pub type Edits = Vec<(&'static str, Option<serde_json::Value>)>;
+
+/// Applies `edits`, copying every other member verbatim (numbers, images and escapes keep their
+/// exact text, no re-escaping of large prompts). Set members keep their place; new ones are
+/// appended. The body was checked by [`parse`] first, so its keys are unique.
+pub fn apply_edits(body: &[u8], edits: &Edits) -> Result<Bytes, GatewayError> {
     let bad = || GatewayError::BadRequest("request body is not a valid JSON object".into());
     let members: Members = serde_json::from_slice(body).map_err(|_| bad())?;
-    let mut out = Vec::with_capacity(body.len() + 40);
+    let mut out = Vec::with_capacity(body.len() + 64);
     out.push(b'{');
-    let mut replaced = false;
-    for (i, (k, v)) in members.0.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, k.as_ref()).map_err(|_| bad())?;
-        out.push(b':');
-        if k == "stream_options" {
-            let mut options: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str::<Option<_>>(v.get())
-                    .map_err(|_| bad())?
-                    .unwrap_or_default();
-            options.insert("include_usage".into(), serde_json::Value::Bool(true));
-            serde_json::to_writer(&mut out, &options).map_err(|_| bad())?;
-            replaced = true;
-        } else {
-            out.extend_from_slice(v.get().as_bytes());
+    let mut first = true;
+    let mut write_member =
+        |out: &mut Vec<u8>, key: &str, raw: Option<&str>, value: Option<&serde_json::Value>| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut *out, key).map_err(|_| bad())?;
+            out.push(b':');
+            match (raw, value) {
+                (Some(r), _) => out.extend_from_slice(r.as_bytes()),
+                (None, Some(v)) => serde_json::to_writer(&mut *out, v).map_err(|_| bad())?,
+                (None, None) => out.extend_from_slice(b"null"),
+            }
+            Ok::<(), GatewayError>(())
+        };
+    for (k, v) in &members.0 {
+        match edits.iter().find(|(name, _)| *name == k.as_ref()) {
+            None => write_member(&mut out, k, Some(v.get()), None)?,
+            Some((_, Some(value))) => write_member(&mut out, k, None, Some(value))?,
+            Some((_, None)) => {}
         }
     }
-    if !replaced {
-        if !members.0.is_empty() {
-            out.push(b',');
+    for (name, value) in edits {
+        if let Some(value) = value
+            && !members.0.iter().any(|(k, _)| k.as_ref() == *name)
+        {
+            write_member(&mut out, name, None, Some(value))?;
         }
-        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
     }
     out.push(b'}');
     Ok(Bytes::from(out))
+}
+
+/// A top-level member parsed as a JSON object (`None` when absent or `null`).
+pub fn object_member(
+    body: &[u8],
+    name: &str,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, GatewayError> {
+    let bad = || GatewayError::BadRequest(format!("`{name}` must be an object"));
+    let members: Members = serde_json::from_slice(body).map_err(|_| bad())?;
+    match members.0.iter().find(|(k, _)| k.as_ref() == name) {
+        None => Ok(None),
+        Some((_, v)) => serde_json::from_str::<Option<_>>(v.get()).map_err(|_| bad()),
+    }
+}
+
+/// A top-level member as a JSON value (`None` when absent).
+pub fn value_member(body: &[u8], name: &str) -> Result<Option<serde_json::Value>, GatewayError> {
+    let members: Members = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::BadRequest("request body is not valid JSON".into()))?;
+    Ok(members
+        .0
+        .iter()
+        .find(|(k, _)| k.as_ref() == name)
+        .and_then(|(_, v)| serde_json::from_str(v.get()).ok()))
+}
+
+/// The edit that sets `stream_options.include_usage` to `true` (keeping other stream options),
+/// so an OpenAI stream ends with its usage.
+pub fn include_usage_edit(
+    body: &[u8],
+) -> Result<(&'static str, Option<serde_json::Value>), GatewayError> {
+    let mut options = object_member(body, "stream_options")?.unwrap_or_default();
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    Ok(("stream_options", Some(serde_json::Value::Object(options))))
+}
+
+/// The same body with `stream_options.include_usage` set to `true`.
+pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
+    apply_edits(body, &vec![include_usage_edit(body)?])
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::admin::{Admin, ModelsChange, RateLimitsChange, Subject};
+use crate::admin::{Admin, ModelsChange, PolicyChange, RateLimitsChange, Subject};
 use crate::auth::hasher::KeyHasher;
 use crate::settings::{LogFormat, Settings};
 use crate::store;
@@ -132,7 +132,16 @@ pub enum Command {
         subject: SubjectArgs,
         /// Comma-separated CIDRs; `none` admits nobody, `any` lifts the restriction.
         #[arg(long)]
-        allowed_cidrs: String,
+        allowed_cidrs: Option<String>,
+        /// Largest `num_ctx` a request may use (`none` = no clamp).
+        #[arg(long)]
+        max_num_ctx: Option<String>,
+        /// Largest output a request may ask for (`none` = no clamp).
+        #[arg(long)]
+        max_num_predict: Option<String>,
+        /// `clamp` (default: [1m, 30m], 0 refused) or `pass` (forward as sent).
+        #[arg(long, value_parser = ["clamp", "pass"])]
+        keep_alive: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -339,15 +348,32 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
         Command::SetPolicy {
             subject,
             allowed_cidrs,
+            max_num_ctx,
+            max_num_predict,
+            keep_alive,
             json,
         } => {
-            let cidrs = match allowed_cidrs.trim() {
-                "any" => None,
-                "none" | "" => Some(Vec::new()),
-                list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
+            let change = PolicyChange {
+                allowed_cidrs: allowed_cidrs.map(|c| match c.trim() {
+                    "any" => None,
+                    "none" | "" => Some(Vec::new()),
+                    list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
+                }),
+                max_num_ctx: max_num_ctx
+                    .map(|v| optional_count("--max-num-ctx", &v))
+                    .transpose()?,
+                max_num_predict: max_num_predict
+                    .map(|v| optional_count("--max-num-predict", &v))
+                    .transpose()?,
+                keep_alive: keep_alive.map(|k| (k == "pass").then(|| "pass".to_string())),
             };
+            if change.is_empty() {
+                anyhow::bail!(
+                    "set-policy needs --allowed-cidrs, --max-num-ctx, --max-num-predict or --keep-alive"
+                );
+            }
             let subject = subject.subject();
-            admin.set_allowed_cidrs(&subject, cidrs).await?;
+            admin.set_policy(&subject, change).await?;
             emit(
                 json,
                 &serde_json::json!({"updated": subject_label(&subject)}),
@@ -358,6 +384,17 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
     }
     pool.close().await;
     Ok(())
+}
+
+/// `none` clears a cap; otherwise a positive whole number.
+fn optional_count(flag: &str, v: &str) -> anyhow::Result<Option<i64>> {
+    match v.trim() {
+        "none" => Ok(None),
+        n => match n.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => anyhow::bail!("{flag} takes a positive number or `none`"),
+        },
+    }
 }
 
 fn subject_label(s: &Subject) -> String {

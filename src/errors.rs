@@ -47,6 +47,9 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("requests from this address are not allowed for this API key")]
     SourceNotAllowed,
+    /// A request option the key's policy forbids (e.g. `keep_alive: 0`).
+    #[error("{0}")]
+    PolicyRefused(&'static str),
     #[error("origin not allowed")]
     CorsOriginNotAllowed,
     #[error("404 page not found")]
@@ -85,6 +88,7 @@ impl GatewayError {
             Self::MutationBlocked
             | Self::ModelNotAllowed(_)
             | Self::SourceNotAllowed
+            | Self::PolicyRefused(_)
             | Self::CorsOriginNotAllowed => 403,
             Self::ModelNotFound(_) | Self::RouteNotFound => 404,
             Self::MethodNotAllowed => 405,
@@ -110,6 +114,7 @@ impl GatewayError {
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
             Self::SourceNotAllowed => "source_not_allowed",
+            Self::PolicyRefused(_) => "policy_refused",
             Self::CorsOriginNotAllowed => "cors_origin_not_allowed",
             Self::RouteNotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod listing;
 pub mod log_throttle;
 pub mod models;
+pub mod policy;
 pub mod principal;
 pub mod proxy;
 pub mod readiness;

@@ -38,6 +38,7 @@ use crate::errors::{GatewayError, Surface};
 use crate::limits::{Admission, LimitError, LimitKind, Limiter};
 use crate::listing::ListingBuffer;
 use crate::models::ModelName;
+use crate::policy;
 use crate::principal::Principal;
 use crate::readiness::Readiness;
 use crate::request_id;
@@ -244,26 +245,27 @@ impl Gateway {
         }
         let model = name.as_str().to_string();
         ctx.request_body_len = bytes.len();
+        let clamped = policy::clamp(route.kind, &bytes, principal)?;
+        let mut edits = clamped.edits;
         // OpenAI streams carry usage only when asked: ask upstream, hide it from the client.
-        let bytes = if matches!(
+        if matches!(
             route.kind,
             RouteKind::V1ChatCompletions | RouteKind::V1Completions
         ) && parsed.stream == Some(true)
             && !parsed.include_usage
         {
             ctx.strip_usage = true;
-            body::with_include_usage(&bytes)?
-        } else {
+            edits.push(body::include_usage_edit(&bytes)?);
+        }
+        let bytes = if edits.is_empty() {
             bytes
-        };
-        let output_cap = match route.kind {
-            RouteKind::ApiEmbed | RouteKind::ApiEmbeddings | RouteKind::V1Embeddings => Some(0),
-            RouteKind::V1ChatCompletions | RouteKind::V1Completions => parsed.max_tokens,
-            RouteKind::V1Responses => parsed.max_output_tokens,
-            _ => parsed.num_predict,
+        } else {
+            body::apply_edits(&bytes, &edits)?
         };
         ctx.reservation = accounting::estimate_prompt_tokens(ctx.request_body_len)
-            + output_cap.unwrap_or(self.state.settings.tpm_default_output_tokens);
+            + clamped
+                .output_cap
+                .unwrap_or(self.state.settings.tpm_default_output_tokens);
         ctx.model = Some(model);
         ctx.stream = parsed.stream;
         ctx.body = Some(bytes);

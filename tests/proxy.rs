@@ -746,3 +746,95 @@ fn cors_preflights_follow_the_allowed_origins() {
     let r = get(&s, "/v1/models", &[("Origin", "https://evil.example")]);
     assert!(r.header("access-control-allow-origin").is_none());
 }
+
+#[test]
+fn option_policy_is_applied_to_what_ollama_receives() {
+    let s = Stack::start();
+    let last_body = |s: &Stack| -> Value {
+        let reqs = s.sim.requests();
+        let body = reqs
+            .as_array()
+            .and_then(|a| a.last())
+            .map(|r| r["body"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default();
+        serde_json::from_str(&body).expect("recorded body is JSON")
+    };
+    // Default policy: keep_alive clamped to [1m, 30m], runner options stripped, unload refused.
+    let r = post(
+        &s,
+        "/api/chat",
+        r#"{"model":"llama3.2","stream":false,"keep_alive":"24h","options":{"num_gpu":99,"temperature":0.2},"messages":[{"role":"user","content":"hi"}]}"#,
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = last_body(&s);
+    assert_eq!(sent["keep_alive"], 1800);
+    assert_eq!(sent["options"], serde_json::json!({"temperature": 0.2}));
+    let r = post(
+        &s,
+        "/api/generate",
+        r#"{"model":"llama3.2","prompt":"","keep_alive":0}"#,
+        &[],
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("keep_alive")
+    );
+
+    // A key with clamps: num_ctx and the output are bounded, on both surfaces.
+    let (key, prefix) = s.gw.create_key("acme", "clamped", &[]);
+    s.gw.cli(&[
+        "set-policy",
+        "--prefix",
+        &prefix,
+        "--max-num-ctx",
+        "2048",
+        "--max-num-predict",
+        "3",
+    ]);
+    let auth = format!("Bearer {key}");
+    let r = http::post_json(
+        &s.gw.addr,
+        "/api/chat",
+        &[("Authorization", auth.as_str())],
+        r#"{"model":"llama3.2","stream":false,"options":{"num_ctx":8192},"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["eval_count"],
+        3,
+        "the simulator honoured the clamped num_predict"
+    );
+    let sent = last_body(&s);
+    assert_eq!(
+        (
+            sent["options"]["num_ctx"].as_i64(),
+            sent["options"]["num_predict"].as_i64()
+        ),
+        (Some(2048), Some(3))
+    );
+    let r = http::post_json(
+        &s.gw.addr,
+        "/v1/chat/completions",
+        &[("Authorization", auth.as_str())],
+        r#"{"model":"llama3.2","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    assert_eq!(last_body(&s)["max_tokens"], 3);
+
+    // A trusted key may pass keep_alive through.
+    let (trusted, tp) = s.gw.create_key("acme", "trusted", &[]);
+    s.gw.cli(&["set-policy", "--prefix", &tp, "--keep-alive", "pass"]);
+    let auth = format!("Bearer {trusted}");
+    let r = http::post_json(
+        &s.gw.addr,
+        "/api/chat",
+        &[("Authorization", auth.as_str())],
+        r#"{"model":"llama3.2","stream":false,"keep_alive":0,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(last_body(&s)["keep_alive"], 0);
+}

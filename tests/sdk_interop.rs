@@ -35,3 +35,40 @@ fn official_python_sdks_work_through_the_gateway() {
         s.gw.log_text()
     );
 }
+
+#[test]
+fn the_openai_sdk_sees_rate_limits_as_it_expects() {
+    let python = require_env("NZ_TEST_PYTHON");
+    let s = Stack::start();
+    let (rpm_key, rpm_prefix) = s.gw.create_key("acme", "rpm", &[]);
+    s.gw.cli(&["set-limits", "--prefix", &rpm_prefix, "--rpm", "1"]);
+    let (conc_key, conc_prefix) = s.gw.create_key("acme", "conc", &[]);
+    s.gw.cli(&[
+        "set-limits",
+        "--prefix",
+        &conc_prefix,
+        "--max-concurrent",
+        "1",
+    ]);
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/python/test_sdk_limits.py",
+        ])
+        .env("NZ_GATEWAY_URL", format!("http://{}", s.gw.addr))
+        .env("NZ_RPM_KEY", &rpm_key)
+        .env("NZ_CONCURRENT_KEY", &conc_key)
+        .env("NZ_MODEL", "llama3.2")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        status.success(),
+        "pytest failed; gateway log:\n{}",
+        s.gw.log_text()
+    );
+}
