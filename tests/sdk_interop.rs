@@ -18,7 +18,7 @@ fn official_python_sdks_work_through_the_gateway() {
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/python",
+            "tests/python/test_sdk_interop.py",
         ])
         .env("NZ_GATEWAY_URL", format!("http://{}", s.gw.addr))
         .env("NZ_API_KEY", &s.key)
