@@ -17,6 +17,7 @@ pub mod errors;
 pub mod limits;
 pub mod listing;
 pub mod log_throttle;
+pub mod metrics;
 pub mod models;
 pub mod policy;
 pub mod principal;

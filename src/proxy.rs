@@ -37,6 +37,7 @@ use crate::cors;
 use crate::errors::{GatewayError, Surface};
 use crate::limits::{Admission, LimitError, LimitKind, Limiter};
 use crate::listing::ListingBuffer;
+use crate::metrics;
 use crate::models::ModelName;
 use crate::policy;
 use crate::principal::Principal;
@@ -93,6 +94,10 @@ pub struct RequestCtx {
     pub upstream_slot: Option<UpstreamSlot>,
     pub upstream_status: Option<u16>,
     pub first_byte_at: Option<Instant>,
+    /// When the request went upstream and when its response ended: the upstream's share of
+    /// the total time, for the gateway-overhead metric.
+    pub upstream_sent_at: Option<Instant>,
+    pub upstream_done_at: Option<Instant>,
     /// The gateway's own refusal, when it produced one (for `fail_to_proxy` and the log).
     pub error: Option<GatewayError>,
     pub cors: ExtraHeaders,
@@ -109,6 +114,7 @@ pub struct UpstreamSlot(Arc<AtomicUsize>);
 
 impl Drop for UpstreamSlot {
     fn drop(&mut self) {
+        metrics::INFLIGHT.dec();
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -185,10 +191,16 @@ impl Gateway {
         let principal = match self.state.auth.authenticate(token, ctx.client_ip).await {
             Ok(p) => p,
             Err(AuthError::Rejected(reason)) => {
+                metrics::AUTH_FAILURES
+                    .with_label_values(&[reason.to_string().as_str()])
+                    .inc();
                 tracing::info!(request_id = %ctx.request_id, %reason, "authentication refused");
                 return Err(GatewayError::Unauthorized);
             }
             Err(AuthError::Throttled(retry_after)) => {
+                metrics::AUTH_FAILURES
+                    .with_label_values(&["throttled"])
+                    .inc();
                 return Err(GatewayError::AuthThrottled { retry_after });
             }
             Err(AuthError::Unavailable) => {
@@ -204,6 +216,7 @@ impl Gateway {
     fn take_upstream_slot(&self) -> Result<UpstreamSlot, GatewayError> {
         let inflight = &self.state.inflight;
         let before = inflight.fetch_add(1, Ordering::Relaxed);
+        metrics::INFLIGHT.inc();
         let slot = UpstreamSlot(inflight.clone());
         if before >= self.state.settings.upstream_max_inflight {
             return Err(GatewayError::UpstreamSaturated);
@@ -326,6 +339,14 @@ fn limit_refusal(e: LimitError) -> GatewayError {
             limit,
             retry_after,
         } => {
+            let kind_label = match kind {
+                LimitKind::Requests => "requests",
+                LimitKind::Tokens => "tokens",
+                LimitKind::Concurrency => "concurrency",
+            };
+            metrics::RATE_LIMITED
+                .with_label_values(&[scope.as_str(), kind_label])
+                .inc();
             let what = match kind {
                 LimitKind::Requests => "requests per minute (RPM)",
                 LimitKind::Tokens => "tokens per minute (TPM)",
@@ -396,6 +417,8 @@ impl ProxyHttp for Gateway {
             upstream_slot: None,
             upstream_status: None,
             first_byte_at: None,
+            upstream_sent_at: None,
+            upstream_done_at: None,
             error: None,
             cors: Vec::new(),
         }
@@ -503,6 +526,7 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
+        ctx.upstream_sent_at = Some(Instant::now());
         let Some(target) = ctx.target.as_ref() else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -619,6 +643,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<Option<Duration>> {
+        if end_of_stream {
+            ctx.upstream_done_at = Some(Instant::now());
+        }
         if let Some(scanner) = ctx.scanner.as_mut() {
             if let Some(chunk) = body.as_ref() {
                 scanner.observe(chunk);
@@ -721,6 +748,24 @@ impl ProxyHttp for Gateway {
             let actual = outcome.map_or(0, |o| o.usage.total());
             self.state.limiter.settle(&admission, actual).await;
         }
+        let upstream = ctx.upstream_sent_at.map(|sent| {
+            ctx.upstream_done_at
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(sent)
+        });
+        metrics::record(&metrics::Finished {
+            surface: ctx.surface.as_str(),
+            route,
+            status,
+            total: ctx.started.elapsed(),
+            upstream,
+            upstream_ttfb: ctx
+                .upstream_sent_at
+                .zip(ctx.first_byte_at)
+                .map(|(s, f)| f.saturating_duration_since(s)),
+            tenant: principal.map(|p| p.tenant_name.as_str()),
+            tokens: outcome.map(|o| (o.usage.prompt_tokens, o.usage.completion_tokens)),
+        });
         tracing::info!(
             request_id = %ctx.request_id,
             method = %session.req_header().method,

@@ -68,6 +68,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let upstreams = Upstreams::new(&settings)?;
     let readiness = Readiness::new(store.clone(), redis.clone());
     let listen = settings.listen_addr.to_string();
+    let metrics_listen = settings.metrics_addr.to_string();
     let leases = Arc::new(LeaseBook::default());
     let limiter = Limiter::new(redis.clone(), leases.clone(), settings.limits_fail_open);
     let state = Arc::new(AppState {
@@ -102,6 +103,9 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         ));
     }
     server.add_service(background_service("change-feed", follower));
+    let mut metrics = pingora_prometheus::prometheus_http_service();
+    metrics.add_tcp(&metrics_listen);
+    server.add_service(metrics);
     server.add_service(proxy);
     tracing::info!(listen = %listen, "neuronetz-gateway serving");
     server.run(RunArgs::default());

@@ -228,6 +228,7 @@ impl BackgroundService for ChangeFollower {
                 }),
             };
             if let Err(e) = result {
+                crate::metrics::store_error("postgres", "change_feed");
                 self.errors.warn(|| tracing::warn!(error = %e, "change feed unavailable; cached keys keep their state until postgres answers"));
             }
             // Redis cleanup that failed is retried until it succeeds (bounded).

@@ -180,7 +180,10 @@ impl Authenticator {
             }
             Ok(_) => {}
             // Postgres can still answer; the outage is logged once per interval, not per request.
-            Err(e) => self.redis_warning.warn(|| tracing::warn!(error = %e, "redis key cache unavailable; resolving keys from postgres")),
+            Err(e) => {
+                crate::metrics::store_error("redis", "key_cache");
+                self.redis_warning.warn(|| tracing::warn!(error = %e, "redis key cache unavailable; resolving keys from postgres"));
+            }
         }
         // Only here, after both caches missed, may other clients' failures slow this one down.
         if let Some(retry) = ip.and_then(|ip| self.throttle.blocked(ip)) {
@@ -221,6 +224,7 @@ impl Authenticator {
         let record = match self.store.key_by_prefix(key::prefix_of(token)).await {
             Ok(r) => r,
             Err(e) => {
+                crate::metrics::store_error("postgres", "key_lookup");
                 tracing::error!(error = %e, "key lookup failed; refusing (fail closed)");
                 return Err(AuthError::Unavailable);
             }

@@ -173,6 +173,7 @@ impl Limiter {
         {
             Ok(r) => r,
             Err(e) => {
+                crate::metrics::store_error("redis", "limits");
                 self.warning
                     .warn(|| tracing::warn!(error = %e, "rate limiter unavailable (redis)"));
                 return self.unavailable("redis error");
@@ -269,6 +270,7 @@ impl Limiter {
             .await
         {
             // The lease lapses by itself; the token bucket keeps the reservation (over-counts).
+            crate::metrics::store_error("redis", "settle");
             self.warning
                 .warn(|| tracing::warn!(error = %e, "rate limit settlement failed"));
         }

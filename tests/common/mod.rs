@@ -223,6 +223,8 @@ pub fn wait_for_port(port: u16, within: Duration) {
 
 pub struct Gateway {
     pub addr: String,
+    /// The internal metrics listener.
+    pub metrics_addr: String,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
     proc: Option<Proc>,
@@ -236,8 +238,10 @@ impl Gateway {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let log = dir.path().join("gateway.log");
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut full: Vec<(String, String)> = vec![
             ("LISTEN_ADDR".into(), addr.clone()),
+            ("METRICS_ADDR".into(), metrics_addr.clone()),
             ("ARGON2_MEMORY_KIB".into(), "1024".into()),
             ("ARGON2_ITERATIONS".into(), "1".into()),
             ("RUST_LOG".into(), "info".into()),
@@ -263,6 +267,7 @@ impl Gateway {
             .expect("spawn gateway");
         let mut gw = Gateway {
             addr,
+            metrics_addr,
             log,
             env: full,
             proc: Some(Proc {
@@ -332,7 +337,7 @@ impl Gateway {
             .envs(
                 self.env
                     .iter()
-                    .filter(|(k, _)| k != "LISTEN_ADDR")
+                    .filter(|(k, _)| k != "LISTEN_ADDR" && k != "METRICS_ADDR")
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             )
             .output()

@@ -1,0 +1,145 @@
+//! Prometheus metrics (SPEC §12), served on the internal `METRICS_ADDR` listener. Labels are
+//! route labels from the route table, statuses, surfaces, reasons and tenant names: never a
+//! key, a prefix, a path the client chose, or anything secret.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, register_histogram,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge,
+};
+
+/// Latency buckets from 100 µs (the gateway's own cost) to 10 min (a long generation).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Registration only fails for a duplicate name, which would be a bug caught by every test run;
+/// a fallback unregistered metric keeps the request path free of panics anyway.
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register_int_counter_vec!(Opts::new(name, help), labels).unwrap_or_else(|_| {
+        IntCounterVec::new(Opts::new(format!("{name}_unregistered"), help), labels)
+            .unwrap_or_else(|_| std::process::abort())
+    })
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    register_histogram_vec!(opts.clone(), labels).unwrap_or_else(|_| {
+        HistogramVec::new(opts, labels).unwrap_or_else(|_| std::process::abort())
+    })
+}
+
+fn histogram(name: &str, help: &str) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    register_histogram!(opts.clone())
+        .unwrap_or_else(|_| Histogram::with_opts(opts).unwrap_or_else(|_| std::process::abort()))
+}
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "nz_requests_total",
+        "Requests by surface, route and status",
+        &["surface", "route", "status"],
+    )
+});
+pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "nz_request_duration_seconds",
+        "Total request time by surface and route",
+        &["surface", "route"],
+    )
+});
+pub static OVERHEAD_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "nz_gateway_overhead_seconds",
+        "Time the gateway itself adds: total time minus the time spent waiting on the upstream",
+    )
+});
+pub static UPSTREAM_TTFB_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "nz_upstream_ttfb_seconds",
+        "Time from sending a request upstream to its response headers",
+        &["route"],
+    )
+});
+pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "nz_tokens_total",
+        "Tokens by direction (prompt, completion) and tenant",
+        &["direction", "tenant"],
+    )
+});
+pub static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "nz_rate_limit_rejections_total",
+        "Requests refused by a rate limit, by scope and kind",
+        &["scope", "kind"],
+    )
+});
+pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "nz_auth_failures_total",
+        "Refused authentications by reason",
+        &["reason"],
+    )
+});
+pub static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "nz_store_errors_total",
+        "Redis and Postgres errors by store and operation",
+        &["store", "op"],
+    )
+});
+pub static INFLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("nz_inflight_requests", "Requests holding an upstream slot").unwrap_or_else(
+        |_| {
+            IntGauge::new("nz_inflight_requests_unregistered", "x")
+                .unwrap_or_else(|_| std::process::abort())
+        },
+    )
+});
+
+/// Everything the `logging` phase knows about a finished request.
+pub struct Finished<'a> {
+    pub surface: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    pub total: Duration,
+    pub upstream: Option<Duration>,
+    pub upstream_ttfb: Option<Duration>,
+    pub tenant: Option<&'a str>,
+    pub tokens: Option<(u64, u64)>,
+}
+
+pub fn record(f: &Finished<'_>) {
+    let status = f.status.to_string();
+    REQUESTS
+        .with_label_values(&[f.surface, f.route, status.as_str()])
+        .inc();
+    REQUEST_SECONDS
+        .with_label_values(&[f.surface, f.route])
+        .observe(f.total.as_secs_f64());
+    OVERHEAD_SECONDS.observe(
+        f.total
+            .saturating_sub(f.upstream.unwrap_or_default())
+            .as_secs_f64(),
+    );
+    if let Some(ttfb) = f.upstream_ttfb {
+        UPSTREAM_TTFB_SECONDS
+            .with_label_values(&[f.route])
+            .observe(ttfb.as_secs_f64());
+    }
+    if let (Some(tenant), Some((prompt, completion))) = (f.tenant, f.tokens) {
+        TOKENS.with_label_values(&["prompt", tenant]).inc_by(prompt);
+        TOKENS
+            .with_label_values(&["completion", tenant])
+            .inc_by(completion);
+    }
+}
+
+pub fn store_error(store: &str, op: &str) {
+    STORE_ERRORS.with_label_values(&[store, op]).inc();
+}
