@@ -9,6 +9,7 @@
 
 pub mod accounting;
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod cli;

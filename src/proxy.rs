@@ -31,6 +31,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::accounting::usage_strip::UsageStripper;
 use crate::accounting::{self, Outcome, UsageScanner};
+use crate::audit::{self, AuditEvent, AuditSink};
 use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
 use crate::body;
 use crate::cors;
@@ -50,6 +51,7 @@ use crate::upstream::Upstreams;
 
 /// Everything the proxy shares across requests.
 pub struct AppState {
+    pub audit: AuditSink,
     pub settings: Settings,
     pub limiter: Limiter,
     pub auth: Authenticator,
@@ -66,6 +68,7 @@ pub struct Gateway {
 pub struct RequestCtx {
     pub request_id: String,
     pub started: Instant,
+    pub started_at: chrono::DateTime<chrono::Utc>,
     pub surface: Surface,
     pub route: Option<Route>,
     pub path_and_query: String,
@@ -166,11 +169,8 @@ impl Gateway {
         Ok(Arrival::Route(route))
     }
 
-    async fn authenticate(
-        &self,
-        session: &Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<Arc<Principal>, GatewayError> {
+    /// The client address (SPEC §3), needed by the throttle, CIDR policies and the audit log.
+    fn find_client_ip(&self, session: &Session) -> Option<IpAddr> {
         let req = session.req_header();
         let forwarded: Vec<&str> = req
             .headers
@@ -182,7 +182,15 @@ impl Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.client_ip = client_ip(peer, &forwarded, &self.state.settings.trusted_proxies);
+        client_ip(peer, &forwarded, &self.state.settings.trusted_proxies)
+    }
+
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<Principal>, GatewayError> {
+        let req = session.req_header();
         let token = bearer_token(
             req.headers
                 .get(http::header::AUTHORIZATION)
@@ -330,6 +338,48 @@ impl Gateway {
     }
 }
 
+/// The audit row of a finished request (SPEC §9): never prompt content, nothing secret.
+fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
+    let req = session.req_header();
+    let principal = ctx.principal.as_deref();
+    let outcome = ctx.outcome.as_ref();
+    let header = |name: http::HeaderName| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| audit::bounded(v, 256))
+    };
+    AuditEvent {
+        event_id: uuid::Uuid::new_v4(),
+        ts: ctx.started_at,
+        request_id: ctx.request_id.clone(),
+        tenant_id: principal.map(|p| p.tenant_id),
+        key_id: principal.map(|p| p.key_id),
+        key_prefix: principal.map(|p| p.key_prefix.clone()),
+        client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+        method: audit::bounded(req.method.as_str(), 16),
+        path: ctx
+            .route
+            .as_ref()
+            .map_or_else(|| audit::bounded(req.uri.path(), 512), |r| r.path.clone()),
+        surface: ctx.surface.as_str().to_string(),
+        model: ctx.model.clone(),
+        stream: ctx.stream,
+        status: i32::from(status),
+        upstream_status: ctx.upstream_status.map(i32::from),
+        error_code: ctx.error.as_ref().map(|e| e.code().to_string()),
+        prompt_tokens: outcome.map(|o| o.usage.prompt_tokens as i64),
+        completion_tokens: outcome.map(|o| o.usage.completion_tokens as i64),
+        bytes_in: (ctx.request_body_len > 0).then_some(ctx.request_body_len as i64),
+        bytes_out: Some(session.body_bytes_sent() as i64),
+        ttfb_ms: ctx
+            .first_byte_at
+            .map(|t| (t - ctx.started).as_secs_f64() * 1e3),
+        latency_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
+        user_agent: header(http::header::USER_AGENT),
+    }
+}
+
 fn limit_refusal(e: LimitError) -> GatewayError {
     match e {
         LimitError::Unavailable => GatewayError::Unavailable("rate limiter"),
@@ -394,6 +444,7 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             request_id: String::new(),
             started: Instant::now(),
+            started_at: chrono::Utc::now(),
             surface: Surface::Native,
             route: None,
             path_and_query: String::new(),
@@ -430,6 +481,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
         ctx.started = Instant::now();
+        ctx.started_at = chrono::Utc::now();
+        ctx.client_ip = self.find_client_ip(session);
         ctx.request_id = request_id::accept_or_mint(
             session
                 .req_header()
@@ -454,6 +507,13 @@ impl ProxyHttp for Gateway {
             return self.serve_gateway_endpoint(session, ctx, &kind).await;
         }
         ctx.route = Some(route.clone());
+        if self.state.audit.backlogged() {
+            // Serving unaudited is not an option; the writer is behind (Postgres slow or down
+            // and the spool not keeping up).
+            return self
+                .refuse(session, ctx, GatewayError::Unavailable("audit backlog"))
+                .await;
+        }
         let principal = match self.authenticate(session, ctx).await {
             Ok(p) => p,
             Err(e) => return self.refuse(session, ctx, e).await,
@@ -747,6 +807,14 @@ impl ProxyHttp for Gateway {
         if let Some(admission) = ctx.admission.take() {
             let actual = outcome.map_or(0, |o| o.usage.total());
             self.state.limiter.settle(&admission, actual).await;
+        }
+        // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
+        // balancers; they are counted in metrics, not audited.
+        if !ctx.route.as_ref().is_some_and(Route::is_gateway_endpoint) {
+            self.state
+                .audit
+                .send(audit_event(session, ctx, status))
+                .await;
         }
         let upstream = ctx.upstream_sent_at.map(|sent| {
             ctx.upstream_done_at

@@ -11,6 +11,8 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::audit::AuditSink;
+use crate::audit::writer::AuditWriter;
 use crate::auth::Authenticator;
 use crate::auth::cache::{DigestKey, PrincipalCache};
 use crate::auth::change_feed::{ChangeFollower, ChangeLog};
@@ -48,6 +50,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         settings.key_cache_ttl,
         settings.negative_cache_ttl,
         redis.clone(),
+        &settings.redis_key_prefix,
     ));
     // Its own one-connection pool, created on the background service's runtime.
     let changes = Arc::new(ChangeLog::default());
@@ -69,9 +72,21 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let readiness = Readiness::new(store.clone(), redis.clone());
     let listen = settings.listen_addr.to_string();
     let metrics_listen = settings.metrics_addr.to_string();
+    let (audit, audit_rx) = AuditSink::channel(settings.audit_queue_capacity);
+    let audit_writer = AuditWriter::new(
+        Store::new(&db_url, 2)?,
+        audit_rx,
+        settings.audit_spool_dir.clone(),
+    );
     let leases = Arc::new(LeaseBook::default());
-    let limiter = Limiter::new(redis.clone(), leases.clone(), settings.limits_fail_open);
+    let limiter = Limiter::new(
+        redis.clone(),
+        leases.clone(),
+        settings.limits_fail_open,
+        &settings.redis_key_prefix,
+    );
     let state = Arc::new(AppState {
+        audit,
         limiter,
         settings,
         auth,
@@ -106,6 +121,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let mut metrics = pingora_prometheus::prometheus_http_service();
     metrics.add_tcp(&metrics_listen);
     server.add_service(metrics);
+    server.add_service(background_service("audit-writer", audit_writer));
     server.add_service(proxy);
     tracing::info!(listen = %listen, "neuronetz-gateway serving");
     server.run(RunArgs::default());

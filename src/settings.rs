@@ -25,6 +25,7 @@ const KNOWN: &[&str] = &[
     "REDIS_URL",
     "REDIS_KEY_CACHE_TTL_S",
     "REDIS_TIMEOUT_MS",
+    "REDIS_KEY_PREFIX",
     "ARGON2_MEMORY_KIB",
     "ARGON2_ITERATIONS",
     "ARGON2_PARALLELISM",
@@ -40,6 +41,8 @@ const KNOWN: &[&str] = &[
     "NEGATIVE_CACHE_TTL_S",
     "LIMITS_FAIL_OPEN",
     "TPM_DEFAULT_OUTPUT_TOKENS",
+    "AUDIT_SPOOL_DIR",
+    "AUDIT_QUEUE_CAPACITY",
     "LOG_FORMAT",
 ];
 
@@ -104,6 +107,8 @@ pub struct Settings {
     pub key_cache_ttl: Duration,
     pub negative_cache_ttl: Duration,
     pub redis_timeout: Duration,
+    /// Namespace of every Redis key the gateway writes (deployments sharing one Redis).
+    pub redis_key_prefix: String,
     pub argon2: Argon2Settings,
     pub trusted_proxies: Vec<IpNet>,
     pub max_request_body_bytes: usize,
@@ -118,6 +123,10 @@ pub struct Settings {
     pub limits_fail_open: bool,
     /// Output tokens reserved against TPM for a request that sets no output cap.
     pub tpm_default_output_tokens: u64,
+    /// Where audit batches wait while Postgres is away (one file per process).
+    pub audit_spool_dir: std::path::PathBuf,
+    /// Audit events queued between the proxy and the sidecar.
+    pub audit_queue_capacity: usize,
     pub log_format: LogFormat,
 }
 
@@ -165,6 +174,7 @@ impl Settings {
                 3600,
             )?),
             redis_timeout: Duration::from_millis(r.number("REDIS_TIMEOUT_MS", 250, 10, 60_000)?),
+            redis_key_prefix: r.key_prefix("REDIS_KEY_PREFIX", "nz")?,
             argon2: Argon2Settings {
                 memory_kib: r.number("ARGON2_MEMORY_KIB", 19_456, 8, 4 << 20)?,
                 iterations: r.number("ARGON2_ITERATIONS", 2, 1, 100)?,
@@ -192,6 +202,11 @@ impl Settings {
                 0,
                 10_000_000,
             )?,
+            audit_spool_dir: r.get("AUDIT_SPOOL_DIR").map_or_else(
+                || std::env::temp_dir().join("neuronetz-spool"),
+                std::path::PathBuf::from,
+            ),
+            audit_queue_capacity: r.number("AUDIT_QUEUE_CAPACITY", 65_536, 64, 10_000_000)?,
             log_format: match r.get("LOG_FORMAT").unwrap_or("text") {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -376,6 +391,19 @@ impl Reader<'_> {
             return Err(invalid(name, "must be positive"));
         }
         Ok(d)
+    }
+
+    fn key_prefix(&self, name: &str, default: &str) -> Result<String, SettingsError> {
+        let v = self.get(name).unwrap_or(default).trim();
+        if v.is_empty()
+            || v.len() > 64
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(name, "must be 1-64 of [A-Za-z0-9._-]"));
+        }
+        Ok(v.to_string())
     }
 
     fn boolean(&self, name: &str, default: bool) -> Result<bool, SettingsError> {

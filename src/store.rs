@@ -164,7 +164,8 @@ fn settings_select(alias: &str, prefix: &str) -> String {
 fn key_lookup_sql() -> String {
     format!(
         "SELECT k.id AS key_id, k.prefix, k.name AS key_name, k.key_hash, k.expires_at, k.revoked_at, \
-                t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status, {}, {} \
+                t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status, {}, {}, \
+                (SELECT COALESCE(max(id), 0) FROM revocations) AS feed_high \
          FROM api_keys k \
          JOIN tenants t ON t.id = k.tenant_id \
          LEFT JOIN limits tl ON tl.tenant_id = t.id AND tl.key_id IS NULL \
@@ -207,6 +208,7 @@ fn decode_key_record(row: &PgRow) -> Result<KeyRecord, StoreError> {
     };
     let status: String = row.try_get("tenant_status")?;
     let revoked_at: Option<DateTime<Utc>> = row.try_get("revoked_at")?;
+    let feed_high: i64 = row.try_get("feed_high")?;
     let expires_at: Option<DateTime<Utc>> = row.try_get("expires_at")?;
     // A revocation scheduled for later is an expiry as far as a cached key is concerned.
     let ends_at = match (expires_at, revoked_at) {
@@ -217,6 +219,10 @@ fn decode_key_record(row: &PgRow) -> Result<KeyRecord, StoreError> {
         key_hash: row.try_get("key_hash")?,
         revoked_at,
         tenant_suspended: status != "active",
-        principal: Principal::flatten(ids, ends_at, &tenant, &key),
+        principal: Principal {
+            // Every change up to here was visible to this read.
+            feed_seq: feed_high,
+            ..Principal::flatten(ids, ends_at, &tenant, &key)
+        },
     })
 }

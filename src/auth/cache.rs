@@ -68,15 +68,18 @@ pub struct PrincipalCache {
     ttl: Duration,
     negative_ttl: Duration,
     redis: Option<Client>,
+    /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
+    ns: String,
 }
 
 impl PrincipalCache {
-    pub fn new(ttl: Duration, negative_ttl: Duration, redis: Option<Client>) -> Self {
+    pub fn new(ttl: Duration, negative_ttl: Duration, redis: Option<Client>, ns: &str) -> Self {
         Self {
             local: RwLock::new(HashMap::new()),
             ttl,
             negative_ttl,
             redis,
+            ns: ns.to_string(),
         }
     }
 
@@ -155,7 +158,7 @@ impl PrincipalCache {
         let Some(redis) = &self.redis else {
             return Ok(None);
         };
-        let raw: Option<String> = redis.get(redis_key(digest)).await?;
+        let raw: Option<String> = redis.get(self.redis_key(digest)).await?;
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
@@ -175,12 +178,12 @@ impl PrincipalCache {
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(60).max(1);
         let member = hex::encode(digest);
         let (by_key, by_tenant) = (
-            key_index(principal.key_id),
-            tenant_index(principal.tenant_id),
+            self.key_index(principal.key_id),
+            self.tenant_index(principal.tenant_id),
         );
         let pipe = redis.pipeline();
         pipe.set::<(), _, _>(
-            redis_key(digest),
+            self.redis_key(digest),
             json,
             Some(Expiration::EX(ttl)),
             None,
@@ -210,27 +213,29 @@ impl PrincipalCache {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let index = key_id.map_or_else(|| tenant_index(tenant_id), key_index);
+        let index = key_id.map_or_else(|| self.tenant_index(tenant_id), |k| self.key_index(k));
         let members: Vec<String> = redis.smembers(index.as_str()).await?;
         let mut keys: Vec<String> = members
             .iter()
-            .map(|m| format!("nz:principal:{m}"))
+            .map(|m| format!("{}:principal:{m}", self.ns))
             .collect();
         keys.push(index);
         redis.del::<(), _>(keys).await
     }
 }
 
-fn key_index(key_id: i64) -> String {
-    format!("nz:principal-index:key:{key_id}")
-}
+impl PrincipalCache {
+    fn key_index(&self, key_id: i64) -> String {
+        format!("{}:principal-index:key:{key_id}", self.ns)
+    }
 
-fn tenant_index(tenant_id: i64) -> String {
-    format!("nz:principal-index:tenant:{tenant_id}")
-}
+    fn tenant_index(&self, tenant_id: i64) -> String {
+        format!("{}:principal-index:tenant:{tenant_id}", self.ns)
+    }
 
-fn redis_key(digest: &TokenDigest) -> String {
-    format!("nz:principal:{}", hex::encode(digest))
+    fn redis_key(&self, digest: &TokenDigest) -> String {
+        format!("{}:principal:{}", self.ns, hex::encode(digest))
+    }
 }
 
 #[cfg(test)]

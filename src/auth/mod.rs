@@ -191,8 +191,10 @@ impl Authenticator {
         }
         // A change applied while we read and verified makes what we read suspect: read again.
         for _ in 0..3 {
-            let seen = self.changes.high();
+            let applied = self.changes.high();
             let principal = self.resolve_from_store(token, digest, ip).await?;
+            // The read saw every change up to its own feed position, and those applied here.
+            let seen = applied.max(principal.feed_seq);
             if self
                 .changes
                 .latest_for(principal.tenant_id, principal.key_id)

@@ -89,6 +89,8 @@ pub struct Limiter {
     leases: Arc<LeaseBook>,
     fail_open: bool,
     warning: LogEvery,
+    /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
+    ns: String,
 }
 
 struct ScopeArgs<'a> {
@@ -102,7 +104,7 @@ fn limit_arg(v: Option<i64>) -> i64 {
 }
 
 impl Limiter {
-    pub fn new(redis: Option<Client>, leases: Arc<LeaseBook>, fail_open: bool) -> Self {
+    pub fn new(redis: Option<Client>, leases: Arc<LeaseBook>, fail_open: bool, ns: &str) -> Self {
         Self {
             redis,
             admit: Script::from_lua(ADMIT_LUA),
@@ -111,6 +113,7 @@ impl Limiter {
             leases,
             fail_open,
             warning: LogEvery::new(Duration::from_secs(30)),
+            ns: ns.to_string(),
         }
     }
 
@@ -123,10 +126,14 @@ impl Limiter {
         request_id: &str,
     ) -> Result<Option<Admission>, LimitError> {
         let scopes: Vec<ScopeArgs> = [
-            (Scope::Key, format!("nz:rl:k:{}", p.key_id), &p.key_limits),
+            (
+                Scope::Key,
+                format!("{}:rl:k:{}", self.ns, p.key_id),
+                &p.key_limits,
+            ),
             (
                 Scope::Tenant,
-                format!("nz:rl:t:{}", p.tenant_id),
+                format!("{}:rl:t:{}", self.ns, p.tenant_id),
                 &p.tenant_limits,
             ),
         ]

@@ -246,6 +246,12 @@ impl Gateway {
             ("ARGON2_ITERATIONS".into(), "1".into()),
             ("RUST_LOG".into(), "info".into()),
         ];
+        // Tests share one Redis: each database (shared by the gateways of one test) gets its
+        // own key namespace, as separate deployments would.
+        if let Some((_, db)) = env.iter().find(|(k, _)| *k == "DATABASE_URL") {
+            let name = db.rsplit('/').next().unwrap_or("db");
+            full.push(("REDIS_KEY_PREFIX".into(), format!("t-{name}")));
+        }
         full.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let conf = dir.path().join("pingora.yaml");
         std::fs::write(

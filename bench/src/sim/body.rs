@@ -140,6 +140,9 @@ impl StreamWriter {
 
     /// Makes hyper tear the connection down without the chunked terminator.
     pub async fn abort(self) {
+        // Let the chunks already queued reach the socket first: an abort "after K chunks"
+        // must deliver those K, or the test of what a client saw becomes a race.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = self
             .tx
             .send(Err(io::Error::other("simulated upstream abort")))

@@ -1,0 +1,294 @@
+//! The sidecar that writes audit events to Postgres in batches (multi-row INSERT, flushed every
+//! few milliseconds or every `BATCH` events). It runs as a Pingora background service, i.e. on
+//! its own thread and runtime, so it survives the daemon fork and never competes with the
+//! proxy's workers.
+//!
+//! When Postgres cannot take a batch, the batch is appended to this process's spool file (JSON
+//! lines, fsynced) and replayed once Postgres answers again; rows are inserted with
+//! `ON CONFLICT DO NOTHING` on their event id, so a batch replayed twice is counted once. At
+//! start the writer also adopts spool files of processes that are gone.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sqlx::{Postgres, QueryBuilder};
+use tokio::sync::mpsc;
+
+use super::AuditEvent;
+use crate::log_throttle::LogEvery;
+use crate::store::Store;
+
+const BATCH: usize = 512;
+const FLUSH_EVERY: Duration = Duration::from_millis(5);
+const REPLAY_EVERY: Duration = Duration::from_secs(1);
+
+pub struct AuditWriter {
+    store: Store,
+    rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
+    spool_dir: PathBuf,
+    errors: LogEvery,
+}
+
+impl AuditWriter {
+    pub fn new(store: Store, rx: mpsc::Receiver<AuditEvent>, spool_dir: PathBuf) -> Self {
+        Self {
+            store,
+            rx: Mutex::new(Some(rx)),
+            spool_dir,
+            errors: LogEvery::new(Duration::from_secs(30)),
+        }
+    }
+
+    fn spool_path(&self) -> PathBuf {
+        self.spool_dir
+            .join(format!("audit-{}.jsonl", std::process::id()))
+    }
+
+    async fn insert(&self, batch: &[AuditEvent]) -> Result<(), sqlx::Error> {
+        for chunk in batch.chunks(BATCH) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, client_ip, \
+                 method, path, surface, model, stream, status, upstream_status, error_code, prompt_tokens, \
+                 completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) ",
+            );
+            qb.push_values(chunk, |mut b, e| {
+                b.push_bind(e.event_id)
+                    .push_bind(e.ts)
+                    .push_bind(&e.request_id)
+                    .push_bind(e.tenant_id)
+                    .push_bind(e.key_id)
+                    .push_bind(&e.key_prefix)
+                    .push("CAST(")
+                    .push_bind_unseparated(&e.client_ip)
+                    .push_unseparated(" AS inet)")
+                    .push_bind(&e.method)
+                    .push_bind(&e.path)
+                    .push_bind(&e.surface)
+                    .push_bind(&e.model)
+                    .push_bind(e.stream)
+                    .push_bind(e.status)
+                    .push_bind(e.upstream_status)
+                    .push_bind(&e.error_code)
+                    .push_bind(e.prompt_tokens)
+                    .push_bind(e.completion_tokens)
+                    .push_bind(e.bytes_in)
+                    .push_bind(e.bytes_out)
+                    .push_bind(e.ttfb_ms)
+                    .push_bind(e.latency_ms)
+                    .push_bind(&e.user_agent);
+            });
+            qb.push(" ON CONFLICT (event_id, ts) DO NOTHING");
+            qb.build().execute(self.store.pool().await).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a batch, or spools it when Postgres cannot take it.
+    async fn write(&self, batch: &[AuditEvent]) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.spool_pending() {
+            // Keep order simple: while a spool exists, new batches join it; replay empties it.
+            self.spool(batch);
+            return;
+        }
+        if let Err(e) = self.insert(batch).await {
+            crate::metrics::store_error("postgres", "audit");
+            self.errors
+                .warn(|| tracing::warn!(error = %e, "audit batch spooled: postgres unavailable"));
+            self.spool(batch);
+        }
+    }
+
+    fn spool_pending(&self) -> bool {
+        std::fs::metadata(self.spool_path()).is_ok_and(|m| m.len() > 0)
+    }
+
+    fn spool(&self, batch: &[AuditEvent]) {
+        if let Err(e) = append_spool(&self.spool_path(), batch) {
+            // Nothing else can hold the events: say so loudly.
+            tracing::error!(error = %e, count = batch.len(), "audit events could not be spooled and are lost");
+        }
+    }
+
+    /// Replays every spool file this process may own (its own, and those of dead processes).
+    async fn replay(&self) {
+        for path in spool_files(&self.spool_dir) {
+            let own = path == self.spool_path();
+            if !own && !owner_is_gone(&path) {
+                continue;
+            }
+            let events = match read_spool(&path) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "unreadable audit spool");
+                    continue;
+                }
+            };
+            if self.insert(&events).await.is_err() {
+                return; // Postgres still away; try again later.
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(error = %e, path = %path.display(), "replayed spool not removed (rows will not double)");
+            } else if !events.is_empty() {
+                tracing::info!(count = events.len(), "audit spool replayed");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for AuditWriter {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut rx) = self.rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        if let Err(e) = std::fs::create_dir_all(&self.spool_dir) {
+            tracing::error!(error = %e, dir = %self.spool_dir.display(), "audit spool directory unusable");
+        }
+        self.replay().await;
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut replay_tick = tokio::time::interval(REPLAY_EVERY);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break; // every sender is gone
+                    }
+                    // Let a burst fill the batch for a few ms before writing.
+                    if batch.len() < BATCH {
+                        tokio::time::sleep(FLUSH_EVERY).await;
+                        while batch.len() < BATCH && let Ok(e) = rx.try_recv() {
+                            batch.push(e);
+                        }
+                    }
+                    self.write(&batch).await;
+                    batch.clear();
+                }
+                _ = replay_tick.tick() => {
+                    if self.spool_pending() || !spool_files(&self.spool_dir).is_empty() {
+                        self.replay().await;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    // Drain what is queued now; requests still finishing after this point are
+                    // spooled by the next writer to start (their spool is adopted).
+                    while let Ok(e) = rx.try_recv() {
+                        batch.push(e);
+                    }
+                    self.write(&batch).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn append_spool(path: &Path, batch: &[AuditEvent]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut buf = Vec::with_capacity(batch.len() * 256);
+    for e in batch {
+        serde_json::to_writer(&mut buf, e).map_err(std::io::Error::other)?;
+        buf.push(b'\n');
+    }
+    file.write_all(&buf)?;
+    file.sync_data()
+}
+
+fn read_spool(path: &Path) -> std::io::Result<Vec<AuditEvent>> {
+    let file = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        // A torn last line (crash mid-write) is skipped; its batch was not acknowledged.
+        if let Ok(e) = serde_json::from_str(&line) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+fn spool_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A spool file named for a process that no longer runs can be adopted.
+fn owner_is_gone(path: &Path) -> bool {
+    let pid = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("audit-"))
+        .and_then(|n| n.strip_suffix(".jsonl"))
+        .and_then(|n| n.parse::<u32>().ok());
+    pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u8) -> AuditEvent {
+        AuditEvent {
+            event_id: uuid::Uuid::from_bytes([n; 16]),
+            ts: chrono::DateTime::from_timestamp(1_800_000_000, 123_456_789).unwrap_or_default(),
+            request_id: format!("r{n}"),
+            tenant_id: None,
+            key_id: None,
+            key_prefix: None,
+            client_ip: Some("127.0.0.1".into()),
+            method: "GET".into(),
+            path: "/".into(),
+            surface: "native".into(),
+            model: None,
+            stream: None,
+            status: 200,
+            upstream_status: None,
+            error_code: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            bytes_in: None,
+            bytes_out: None,
+            ttfb_ms: None,
+            latency_ms: 1.5,
+            user_agent: None,
+        }
+    }
+
+    #[test]
+    fn spool_round_trip_skips_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit-1.jsonl");
+        append_spool(&path, &[event(1), event(2)]).unwrap();
+        append_spool(&path, &[event(3)]).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"event_id\":")
+            .unwrap();
+        let back = read_spool(&path).unwrap();
+        assert_eq!(back, vec![event(1), event(2), event(3)]);
+        assert_eq!(spool_files(dir.path()), vec![path]);
+    }
+}
