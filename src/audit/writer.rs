@@ -26,6 +26,10 @@ use crate::store::Store;
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
+/// Shutdown: stop once no event came for this long...
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+/// ...or after this long at most.
+const DRAIN_MAX: Duration = Duration::from_secs(120);
 
 pub struct AuditWriter {
     store: Store,
@@ -177,16 +181,37 @@ impl BackgroundService for AuditWriter {
                     }
                 }
                 _ = shutdown.changed() => {
-                    // Drain what is queued now; requests still finishing after this point are
-                    // spooled by the next writer to start (their spool is adopted).
-                    while let Ok(e) = rx.try_recv() {
-                        batch.push(e);
-                    }
-                    self.write(&batch).await;
+                    self.drain(&mut rx, &mut batch).await;
                     break;
                 }
             }
         }
+    }
+}
+
+impl AuditWriter {
+    /// After the shutdown signal, requests still in flight keep finishing for the grace
+    /// period: keep writing their events until the queue has been quiet for a moment (or the
+    /// proxy is gone), so a graceful restart loses no row.
+    async fn drain(&self, rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>) {
+        let deadline = tokio::time::Instant::now() + DRAIN_MAX;
+        loop {
+            match tokio::time::timeout(DRAIN_QUIET, rx.recv_many(batch, BATCH)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    self.write(batch).await;
+                    batch.clear();
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+        }
+        while let Ok(e) = rx.try_recv() {
+            batch.push(e);
+        }
+        self.write(batch).await;
+        batch.clear();
     }
 }
 
