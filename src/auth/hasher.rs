@@ -57,32 +57,31 @@ impl KeyHasher {
     /// Verifies `key` against `stored` (or against the dummy hash when `stored` is `None`, which
     /// then always fails) on the blocking pool.
     pub async fn verify(&self, key: String, stored: Option<String>) -> Result<Verified, HashError> {
-        let permit = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| HashError::Saturated)?;
-        let params = self.params.clone();
         let dummy = self.dummy_hash.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            match stored {
-                Some(hash) => verify_with(&params, &key, &hash),
-                None => {
-                    let _ = verify_with(&params, &key, &dummy);
-                    Verified {
-                        ok: false,
-                        needs_rehash: false,
-                    }
+        self.on_pool(move |params| match stored {
+            Some(hash) => verify_with(params, &key, &hash),
+            None => {
+                let _ = verify_with(params, &key, &dummy);
+                Verified {
+                    ok: false,
+                    needs_rehash: false,
                 }
             }
         })
         .await
-        .map_err(|_| HashError::Join)
     }
 
     /// Hashes on the blocking pool (re-hash after a verify on outdated parameters).
     pub async fn hash(&self, key: String) -> Result<String, HashError> {
+        self.on_pool(move |params| hash_with(params, &key)).await?
+    }
+
+    /// Runs Argon2 work on the blocking pool, holding one of the bounded slots; a full pool is
+    /// reported at once (the caller answers 503) instead of queueing.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Params) -> T + Send + 'static,
+    ) -> Result<T, HashError> {
         let permit = self
             .slots
             .clone()
@@ -91,10 +90,10 @@ impl KeyHasher {
         let params = self.params.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            hash_with(&params, &key)
+            work(&params)
         })
         .await
-        .map_err(|_| HashError::Join)?
+        .map_err(|_| HashError::Join)
     }
 }
 

@@ -56,11 +56,7 @@ fn push_random(out: &mut String, count: usize) -> Result<(), RngError> {
 
 /// Cheap shape check before any cache or hashing work: malformed tokens never cost Argon2.
 pub fn is_well_formed(token: &str) -> bool {
-    token.len() == KEY_LEN
-        && token.starts_with(KEY_PREFIX_MARK)
-        && token.as_bytes()[KEY_PREFIX_MARK.len()..]
-            .iter()
-            .all(|b| ALPHABET.contains(b))
+    has_shape(token, KEY_LEN)
 }
 
 /// The public prefix of a well-formed token.
@@ -70,9 +66,14 @@ pub fn prefix_of(token: &str) -> &str {
 
 /// A shape check for prefixes given on the command line.
 pub fn is_valid_prefix(prefix: &str) -> bool {
-    prefix.len() == PREFIX_LEN
-        && prefix.starts_with(KEY_PREFIX_MARK)
-        && prefix.as_bytes()[KEY_PREFIX_MARK.len()..]
+    has_shape(prefix, PREFIX_LEN)
+}
+
+/// `nz_` followed by `len - 3` characters of the key alphabet.
+fn has_shape(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.starts_with(KEY_PREFIX_MARK)
+        && s.as_bytes()[KEY_PREFIX_MARK.len()..]
             .iter()
             .all(|b| ALPHABET.contains(b))
 }
