@@ -102,6 +102,32 @@ pub static INFLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+pub static AUDIT_QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "nz_audit_queue_depth",
+        "Audit events waiting for the writer",
+    )
+});
+pub static AUDIT_SPOOL_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "nz_audit_spool_bytes",
+        "Bytes of audit events spooled while Postgres is away",
+    )
+});
+pub static AUDIT_BATCH: LazyLock<Histogram> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("nz_audit_batch_size", "Audit events per written batch")
+        .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 512.0]);
+    register_histogram!(opts.clone())
+        .unwrap_or_else(|_| Histogram::with_opts(opts).unwrap_or_else(|_| std::process::abort()))
+});
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register_int_gauge!(name, help).unwrap_or_else(|_| {
+        IntGauge::new(format!("{name}_unregistered"), help)
+            .unwrap_or_else(|_| std::process::abort())
+    })
+}
+
 /// Everything the `logging` phase knows about a finished request.
 pub struct Finished<'a> {
     pub surface: &'a str,

@@ -77,6 +77,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         Store::new(&db_url, 2)?,
         audit_rx,
         settings.audit_spool_dir.clone(),
+        settings.audit_retention_days,
     );
     let leases = Arc::new(LeaseBook::default());
     let limiter = Limiter::new(

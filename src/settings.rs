@@ -43,6 +43,7 @@ const KNOWN: &[&str] = &[
     "TPM_DEFAULT_OUTPUT_TOKENS",
     "AUDIT_SPOOL_DIR",
     "AUDIT_QUEUE_CAPACITY",
+    "AUDIT_RETENTION_DAYS",
     "LOG_FORMAT",
 ];
 
@@ -127,6 +128,8 @@ pub struct Settings {
     pub audit_spool_dir: std::path::PathBuf,
     /// Audit events queued between the proxy and the sidecar.
     pub audit_queue_capacity: usize,
+    /// Audit rows are kept this long, in monthly partitions dropped whole.
+    pub audit_retention_days: u32,
     pub log_format: LogFormat,
 }
 
@@ -207,6 +210,7 @@ impl Settings {
                 std::path::PathBuf::from,
             ),
             audit_queue_capacity: r.number("AUDIT_QUEUE_CAPACITY", 65_536, 64, 10_000_000)?,
+            audit_retention_days: r.number("AUDIT_RETENTION_DAYS", 90, 1, 36_500)?,
             log_format: match r.get("LOG_FORMAT").unwrap_or("text") {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,

@@ -146,6 +146,13 @@ fn every_request_gets_exactly_one_audit_row() {
         1
     );
     assert_eq!(q("SELECT count(DISTINCT request_id) FROM audit_log"), sent);
+    assert_eq!(
+        q(
+            "SELECT count(*) FROM audit_log WHERE tableoid::regclass::text ~ '^audit_log_[0-9]{4}_[0-9]{2}$'"
+        ),
+        sent,
+        "rows land in the month's partition"
+    );
     // Never prompt content, never the key.
     let dump: String = {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -192,6 +199,9 @@ fn a_postgres_outage_loses_and_doubles_nothing() {
     ]);
     gw.cli(&["create-tenant", "--name", "acme", "--models", "llama3.2"]);
     let (key, _) = gw.create_key("acme", "k", &[]);
+    // Let the change feed apply the tenant's creation first: applying it later would evict the
+    // tenant's cached keys (correctly), and the cut below would then refuse them (fail closed).
+    std::thread::sleep(Duration::from_millis(1000));
     let auth = format!("Bearer {key}");
     let mut sent = 0;
     for _ in 0..5 {
@@ -211,16 +221,13 @@ fn a_postgres_outage_loses_and_doubles_nothing() {
     proxy.cut();
     for _ in 0..30 {
         // The key is cached: traffic goes on while Postgres is away.
-        assert_eq!(
-            http::post_json(
-                &gw.addr,
-                "/api/chat",
-                &[("Authorization", auth.as_str())],
-                CHAT
-            )
-            .status,
-            200
+        let r = http::post_json(
+            &gw.addr,
+            "/api/chat",
+            &[("Authorization", auth.as_str())],
+            CHAT,
         );
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.log_text());
         sent += 1;
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -241,4 +248,41 @@ fn a_postgres_outage_loses_and_doubles_nothing() {
     );
     let left: Vec<_> = std::fs::read_dir(spool.path()).expect("spool").collect();
     assert!(left.is_empty(), "the spool is removed once replayed");
+}
+
+#[test]
+fn partitions_past_retention_are_dropped_whole() {
+    let db = fresh_database();
+    let out = std::process::Command::new(common::gateway_bin())
+        .args(["migrate"])
+        .env("DATABASE_URL", &db)
+        .output()
+        .expect("migrate");
+    assert!(out.status.success());
+    common::sql(
+        &db,
+        "CREATE TABLE audit_log_2020_01 PARTITION OF audit_log FOR VALUES FROM ('2020-01-01') TO ('2020-02-01')",
+    );
+    let sim = Sim::start(&[]);
+    let sim_url = sim.url();
+    let _gw = Gateway::start(&[
+        ("DATABASE_URL", db.as_str()),
+        ("OLLAMA_URL", sim_url.as_str()),
+        ("AUDIT_RETENTION_DAYS", "90"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let count = |pattern: &str| {
+        sql_scalar_i64(
+            &db,
+            &format!("SELECT count(*) FROM pg_class WHERE relname ~ '{pattern}'"),
+        )
+    };
+    while count("^audit_log_2020_01$") != 0 {
+        assert!(Instant::now() < deadline, "old partition not dropped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        count("^audit_log_[0-9]{4}_[0-9]{2}$") >= 2,
+        "this month's and next month's partitions exist"
+    );
 }

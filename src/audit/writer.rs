@@ -26,6 +26,7 @@ use crate::store::Store;
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
+const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 /// Shutdown: stop once no event came for this long...
 const DRAIN_QUIET: Duration = Duration::from_secs(2);
 /// ...or after this long at most.
@@ -33,15 +34,22 @@ const DRAIN_MAX: Duration = Duration::from_secs(120);
 
 pub struct AuditWriter {
     store: Store,
+    retention_days: u32,
     rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     spool_dir: PathBuf,
     errors: LogEvery,
 }
 
 impl AuditWriter {
-    pub fn new(store: Store, rx: mpsc::Receiver<AuditEvent>, spool_dir: PathBuf) -> Self {
+    pub fn new(
+        store: Store,
+        rx: mpsc::Receiver<AuditEvent>,
+        spool_dir: PathBuf,
+        retention_days: u32,
+    ) -> Self {
         Self {
             store,
+            retention_days,
             rx: Mutex::new(Some(rx)),
             spool_dir,
             errors: LogEvery::new(Duration::from_secs(30)),
@@ -97,6 +105,7 @@ impl AuditWriter {
         if batch.is_empty() {
             return;
         }
+        crate::metrics::AUDIT_BATCH.observe(batch.len() as f64);
         if self.spool_pending() {
             // Keep order simple: while a spool exists, new batches join it; replay empties it.
             self.spool(batch);
@@ -110,12 +119,63 @@ impl AuditWriter {
         }
     }
 
+    /// Monthly partitions for this month and the next, and none older than the retention:
+    /// retention drops whole partitions instead of deleting rows.
+    async fn maintain_partitions(&self) -> Result<(), sqlx::Error> {
+        let pool = self.store.pool().await;
+        for offset in [0, 1] {
+            let sql = format!(
+                "SELECT to_char(m, 'YYYY_MM'), m::date::text, (m + interval '1 month')::date::text \
+                 FROM date_trunc('month', now() + interval '{offset} month') AS m"
+            );
+            let (suffix, from, to): (String, String, String) =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_one(pool)
+                    .await?;
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS audit_log_{suffix} PARTITION OF audit_log FOR VALUES FROM ('{from}') TO ('{to}')"
+            );
+            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(create)).execute(pool).await {
+                // Rows of that month already sit in the default partition (an older version
+                // wrote them there): they stay, and are kept by the default partition.
+                tracing::debug!(error = %e, partition = %suffix, "audit partition not created");
+            }
+        }
+        let old: Vec<(String,)> = sqlx::query_as(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audit_log' \
+             AND c.relname ~ '^audit_log_[0-9]{4}_[0-9]{2}$' \
+             AND to_date(substr(c.relname, 11), 'YYYY_MM') + interval '1 month' < now() - make_interval(days => $1)",
+        )
+        .bind(i32::try_from(self.retention_days).unwrap_or(i32::MAX))
+        .fetch_all(pool)
+        .await?;
+        for (name,) in old {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {name}")))
+                .execute(pool)
+                .await?;
+            tracing::info!(partition = %name, "audit partition past retention dropped");
+        }
+        Ok(())
+    }
+
+    fn update_spool_gauge(&self) {
+        let bytes: u64 = spool_files(&self.spool_dir)
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        crate::metrics::AUDIT_SPOOL_BYTES.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     fn spool_pending(&self) -> bool {
         std::fs::metadata(self.spool_path()).is_ok_and(|m| m.len() > 0)
     }
 
     fn spool(&self, batch: &[AuditEvent]) {
-        if let Err(e) = append_spool(&self.spool_path(), batch) {
+        let result = append_spool(&self.spool_path(), batch);
+        self.update_spool_gauge();
+        if let Err(e) = result {
             // Nothing else can hold the events: say so loudly.
             tracing::error!(error = %e, count = batch.len(), "audit events could not be spooled and are lost");
         }
@@ -138,7 +198,9 @@ impl AuditWriter {
             if self.insert(&events).await.is_err() {
                 return; // Postgres still away; try again later.
             }
-            if let Err(e) = std::fs::remove_file(&path) {
+            let removed = std::fs::remove_file(&path);
+            self.update_spool_gauge();
+            if let Err(e) = removed {
                 tracing::warn!(error = %e, path = %path.display(), "replayed spool not removed (rows will not double)");
             } else if !events.is_empty() {
                 tracing::info!(count = events.len(), "audit spool replayed");
@@ -159,12 +221,14 @@ impl BackgroundService for AuditWriter {
         self.replay().await;
         let mut batch = Vec::with_capacity(BATCH);
         let mut replay_tick = tokio::time::interval(REPLAY_EVERY);
+        let mut partition_tick = tokio::time::interval(PARTITIONS_EVERY);
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         break; // every sender is gone
                     }
+                    crate::metrics::AUDIT_QUEUE.set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
                     // Let a burst fill the batch for a few ms before writing.
                     if batch.len() < BATCH {
                         tokio::time::sleep(FLUSH_EVERY).await;
@@ -174,6 +238,11 @@ impl BackgroundService for AuditWriter {
                     }
                     self.write(&batch).await;
                     batch.clear();
+                }
+                _ = partition_tick.tick() => {
+                    if let Err(e) = self.maintain_partitions().await {
+                        self.errors.warn(|| tracing::warn!(error = %e, "audit partition maintenance failed"));
+                    }
                 }
                 _ = replay_tick.tick() => {
                     if self.spool_pending() || !spool_files(&self.spool_dir).is_empty() {
