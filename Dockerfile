@@ -62,7 +62,7 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 neuronetz \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /var/lib/neuronetz --shell /usr/sbin/nologin neuronetz \
-    && install -d -o 10001 -g 10001 -m 0750 /var/lib/neuronetz /run/neuronetz
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/neuronetz /var/lib/neuronetz/spool /run/neuronetz
 
 COPY --from=builder /usr/local/bin/neuronetz-gateway /usr/local/bin/neuronetz-gateway
 COPY conf/pingora.yaml /etc/neuronetz/pingora.yaml

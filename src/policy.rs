@@ -51,11 +51,12 @@ fn native(raw: &[u8], p: &Principal, generates: bool) -> Result<Clamped, Gateway
     for name in RUNNER_OPTIONS {
         options.remove(*name);
     }
+    // Ollama takes a float for an integer option (`131072.0`), so compare as a float.
     if let Some(max) = p.max_num_ctx
         && options
             .get("num_ctx")
-            .and_then(Value::as_i64)
-            .is_some_and(|n| n > max)
+            .and_then(Value::as_f64)
+            .is_some_and(|n| n > max as f64)
     {
         options.insert("num_ctx".into(), Value::from(max));
     }
@@ -114,8 +115,12 @@ fn clamp_keep_alive(value: &Value) -> Result<Option<Value>, GatewayError> {
         Value::Number(n) => n
             .as_f64()
             .ok_or_else(|| GatewayError::BadRequest("invalid keep_alive".into()))?,
-        Value::String(s) => parse_go_duration(s)
-            .ok_or_else(|| GatewayError::BadRequest(format!("invalid keep_alive `{s}`")))?,
+        Value::String(s) => parse_go_duration(s).ok_or_else(|| {
+            GatewayError::BadRequest(format!(
+                "invalid keep_alive `{}`",
+                s.chars().take(40).collect::<String>()
+            ))
+        })?,
         _ => {
             return Err(GatewayError::BadRequest(
                 "keep_alive must be a duration string or a number of seconds".into(),
@@ -275,6 +280,13 @@ mod tests {
     #[test]
     fn options_are_clamped_and_runner_options_stripped() {
         let p = principal(Some(4096), Some(100), None);
+        let (v, _) = apply(
+            RouteKind::ApiChat,
+            r#"{"model":"m","options":{"num_ctx":131072.0}}"#,
+            &p,
+        )
+        .unwrap();
+        assert_eq!(v["options"]["num_ctx"], 4096, "floats are clamped too");
         let body = r#"{"model":"m","options":{"num_ctx":32768,"num_gpu":99,"temperature":0.5,"num_predict":-1}}"#;
         let (v, cap) = apply(RouteKind::ApiChat, body, &p).unwrap();
         assert_eq!(

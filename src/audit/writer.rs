@@ -218,6 +218,11 @@ impl BackgroundService for AuditWriter {
         if let Err(e) = std::fs::create_dir_all(&self.spool_dir) {
             tracing::error!(error = %e, dir = %self.spool_dir.display(), "audit spool directory unusable");
         }
+        // Partitions first, so nothing replayed lands in the default partition.
+        if let Err(e) = self.maintain_partitions().await {
+            self.errors
+                .warn(|| tracing::warn!(error = %e, "audit partition maintenance failed"));
+        }
         self.replay().await;
         let mut batch = Vec::with_capacity(BATCH);
         let mut replay_tick = tokio::time::interval(REPLAY_EVERY);
@@ -290,12 +295,28 @@ fn append_spool(path: &Path, batch: &[AuditEvent]) -> std::io::Result<()> {
         .append(true)
         .open(path)?;
     let mut buf = Vec::with_capacity(batch.len() * 256);
+    // A crash mid-append leaves a torn last line; start on a fresh line so it stays alone.
+    if !ends_with_newline(path)? {
+        buf.push(b'\n');
+    }
     for e in batch {
         serde_json::to_writer(&mut buf, e).map_err(std::io::Error::other)?;
         buf.push(b'\n');
     }
     file.write_all(&buf)?;
     file.sync_data()
+}
+
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    if f.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 fn read_spool(path: &Path) -> std::io::Result<Vec<AuditEvent>> {
@@ -381,8 +402,13 @@ mod tests {
             .unwrap()
             .write_all(b"{\"event_id\":")
             .unwrap();
+        append_spool(&path, &[event(4)]).unwrap();
         let back = read_spool(&path).unwrap();
-        assert_eq!(back, vec![event(1), event(2), event(3)]);
+        assert_eq!(
+            back,
+            vec![event(1), event(2), event(3), event(4)],
+            "a batch after a torn line is kept"
+        );
         assert_eq!(spool_files(dir.path()), vec![path]);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fred::prelude::{Client, SortedSetsInterface};
+use fred::prelude::{Client, KeysInterface, SortedSetsInterface};
 use fred::types::sorted_sets::Ordering as ZOrdering;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -76,6 +76,8 @@ impl BackgroundService for LeaseRenewer {
                             (until as f64, member.as_str()),
                         )
                         .await;
+                    // The set itself must outlive its longest-running lease.
+                    let _ = pipe.pexpire::<(), _>(set.as_str(), 600_000, None).await;
                 }
             }
             if let Err(e) = pipe.all::<()>().await {

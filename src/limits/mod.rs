@@ -26,6 +26,9 @@ use leases::LeaseBook;
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
 const ADMIT_LUA: &str = include_str!("admit.lua");
+/// Largest token reservation sent to Redis (2^40): far above any real limit, far below where
+/// Lua numbers lose integer precision.
+const MAX_RESERVATION: u64 = 1 << 40;
 const SETTLE_LUA: &str = include_str!("settle.lua");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +157,15 @@ impl Limiter {
         let now_ms = now_ms();
         let minute = now_ms / 60_000;
         let frac = (now_ms % 60_000) as f64 / 60_000.0;
-        let member = format!("{}:{request_id}", self.instance);
+        // Unique per admission: a client choosing the same X-Request-ID for concurrent requests
+        // must not share one lease.
+        let member = format!(
+            "{}:{}:{request_id}",
+            self.instance,
+            uuid::Uuid::new_v4().simple()
+        );
+        // Bounded so Redis integer arithmetic stays exact whatever cap a client asks for.
+        let reservation = reservation.min(MAX_RESERVATION);
         let mut keys = Vec::with_capacity(scopes.len() * 5);
         let mut args: Vec<String> = vec![
             now_ms.to_string(),
