@@ -14,6 +14,7 @@ pub mod auth;
 pub mod body;
 pub mod cli;
 pub mod cors;
+pub mod drain;
 pub mod errors;
 pub mod limits;
 pub mod listing;

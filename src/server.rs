@@ -73,11 +73,14 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let listen = settings.listen_addr.to_string();
     let metrics_listen = settings.metrics_addr.to_string();
     let (audit, audit_rx) = AuditSink::channel(settings.audit_queue_capacity);
+    // Requests holding an upstream slot; services behind the proxy outlive them at shutdown.
+    let inflight = Arc::new(AtomicUsize::new(0));
     let audit_writer = AuditWriter::new(
         Store::new(&db_url, 2)?,
         audit_rx,
         settings.audit_spool_dir.clone(),
         settings.audit_retention_days,
+        inflight.clone(),
     );
     let leases = Arc::new(LeaseBook::default());
     let limiter = Limiter::new(
@@ -93,7 +96,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         auth,
         upstreams,
         readiness,
-        inflight: Arc::new(AtomicUsize::new(0)),
+        inflight: inflight.clone(),
     });
 
     let mut server =
@@ -111,11 +114,15 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             LeaseRenewer {
                 redis: client.clone(),
                 book: leases,
+                inflight: inflight.clone(),
             },
         ));
         server.add_service(background_service(
             "redis-connection",
-            RedisConnection { client },
+            RedisConnection {
+                client,
+                inflight: inflight.clone(),
+            },
         ));
     }
     server.add_service(background_service("change-feed", follower));
@@ -171,6 +178,7 @@ fn redis_client(url: &SecretString, settings: &Settings) -> anyhow::Result<Clien
 /// the client's channels. Started as a service so it survives Pingora's daemon fork.
 struct RedisConnection {
     client: Client,
+    inflight: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -186,6 +194,8 @@ impl BackgroundService for RedisConnection {
             tracing::warn!(error = %e, "redis not reachable yet; the key cache works without it and will reconnect");
         }
         let _ = shutdown.changed().await;
+        // Requests still finishing settle their rate-limit charges through this connection.
+        crate::drain::until_idle(&self.inflight).await;
         let _ = self.client.quit().await;
     }
 }

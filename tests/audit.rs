@@ -286,3 +286,57 @@ fn partitions_past_retention_are_dropped_whole() {
         "this month's and next month's partitions exist"
     );
 }
+
+#[test]
+fn a_graceful_shutdown_loses_no_row() {
+    let db = fresh_database();
+    let sim = Sim::start(&["--require-token", UPSTREAM_TOKEN]);
+    let sim_url = sim.url();
+    let mut gw = Gateway::start(&[
+        ("DATABASE_URL", db.as_str()),
+        ("OLLAMA_URL", sim_url.as_str()),
+        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
+    ]);
+    gw.cli(&["create-tenant", "--name", "acme", "--models", "llama3.2"]);
+    let (key, _) = gw.create_key("acme", "k", &[]);
+    let auth = format!("Bearer {key}");
+    for _ in 0..3 {
+        assert_eq!(
+            http::post_json(
+                &gw.addr,
+                "/api/chat",
+                &[("Authorization", auth.as_str())],
+                CHAT
+            )
+            .status,
+            200
+        );
+    }
+    // A stream still running when the signal comes finishes, and is audited.
+    let addr = gw.addr.clone();
+    let a = auth.clone();
+    let streaming = std::thread::spawn(move || {
+        http::post_json(
+            &addr,
+            "/api/chat",
+            &[("Authorization", a.as_str()), ("x-sim-delay-ms", "100")],
+            r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(250));
+    assert!(
+        gw.terminate(Duration::from_secs(20)),
+        "the gateway did not exit after SIGTERM"
+    );
+    let r = streaming.join().expect("stream");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("\"done\":true"),
+        "the stream was allowed to finish"
+    );
+    assert_eq!(
+        sql_scalar_i64(&db, "SELECT count(*) FROM audit_log"),
+        4,
+        "every request, the last one included, was written before exit"
+    );
+}

@@ -10,7 +10,8 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,13 +28,14 @@ const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
-/// Shutdown: stop once no event came for this long...
-const DRAIN_QUIET: Duration = Duration::from_secs(2);
+/// Shutdown: stop once no event came for this long and no request is in flight...
+const DRAIN_QUIET: Duration = Duration::from_millis(500);
 /// ...or after this long at most.
 const DRAIN_MAX: Duration = Duration::from_secs(120);
 
 pub struct AuditWriter {
     store: Store,
+    inflight: Arc<AtomicUsize>,
     retention_days: u32,
     rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     spool_dir: PathBuf,
@@ -46,9 +48,11 @@ impl AuditWriter {
         rx: mpsc::Receiver<AuditEvent>,
         spool_dir: PathBuf,
         retention_days: u32,
+        inflight: Arc<AtomicUsize>,
     ) -> Self {
         Self {
             store,
+            inflight,
             retention_days,
             rx: Mutex::new(Some(rx)),
             spool_dir,
@@ -271,11 +275,14 @@ impl AuditWriter {
         let deadline = tokio::time::Instant::now() + DRAIN_MAX;
         loop {
             match tokio::time::timeout(DRAIN_QUIET, rx.recv_many(batch, BATCH)).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(_) => {
                     self.write(batch).await;
                     batch.clear();
                 }
+                // Quiet, and no request left whose `logging` could still send an event.
+                Err(_) if self.inflight.load(Ordering::Acquire) == 0 => break,
+                Err(_) => {}
             }
             if tokio::time::Instant::now() > deadline {
                 break;

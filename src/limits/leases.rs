@@ -45,6 +45,8 @@ impl LeaseBook {
 pub struct LeaseRenewer {
     pub redis: Client,
     pub book: Arc<LeaseBook>,
+    /// Requests in flight: after the shutdown signal, leases are renewed until they are done.
+    pub inflight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[async_trait]
@@ -52,10 +54,15 @@ impl BackgroundService for LeaseRenewer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let warning = LogEvery::new(Duration::from_secs(30));
         let mut tick = tokio::time::interval(RENEW_EVERY);
+        let mut stopping = false;
         loop {
             tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed(), if !stopping => stopping = true,
                 _ = tick.tick() => {}
+            }
+            // Streams still finishing after the signal keep their slots until they end.
+            if stopping && self.inflight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                break;
             }
             let held = self.book.snapshot();
             if held.is_empty() {

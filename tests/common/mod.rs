@@ -320,6 +320,24 @@ impl Gateway {
         self.proc = None;
     }
 
+    /// SIGTERM (graceful shutdown) and wait up to `within` for the process to exit.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(p) = self.proc.as_mut() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &p.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// SIGKILL: no graceful shutdown, nothing cleaned up.
     pub fn kill(&mut self) {
         // `Child::kill` sends SIGKILL on Unix; dropping the `Proc` does exactly that.
