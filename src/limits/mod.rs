@@ -15,7 +15,7 @@ pub mod leases;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fred::prelude::Client;
+use fred::prelude::{Client, SortedSetsInterface};
 use fred::types::scripts::Script;
 
 use crate::log_throttle::LogEvery;
@@ -194,6 +194,10 @@ impl Limiter {
                 crate::metrics::store_error("redis", "limits");
                 self.warning
                     .warn(|| tracing::warn!(error = %e, "rate limiter unavailable (redis)"));
+                // The script may have run before the reply was lost (a timeout): give back the
+                // lease it may have taken. Its request and token charges stay (over-counting
+                // errs on the safe side and expires with the window).
+                self.release_orphan_lease(redis, &scopes, &member);
                 return self.unavailable("redis error");
             }
         };
@@ -249,6 +253,23 @@ impl Limiter {
             }
             _ => self.unavailable("unexpected script reply"),
         }
+    }
+
+    fn release_orphan_lease(&self, redis: &Client, scopes: &[ScopeArgs], member: &str) {
+        let sets: Vec<String> = scopes
+            .iter()
+            .filter(|s| s.limits.max_concurrent.is_some())
+            .map(|s| format!("{}:c", s.prefix))
+            .collect();
+        if sets.is_empty() {
+            return;
+        }
+        let (redis, member) = (redis.clone(), member.to_string());
+        tokio::spawn(async move {
+            for set in sets {
+                let _ = redis.zrem::<(), _, _>(set, member.as_str()).await;
+            }
+        });
     }
 
     fn unavailable(&self, why: &'static str) -> Result<Option<Admission>, LimitError> {
