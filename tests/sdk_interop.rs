@@ -1,5 +1,5 @@
 //! The official `openai` and `ollama` Python SDKs as clients of the real gateway
-//! (tests/python/test_sdk_interop.py), run by pytest from the venv `scripts/test` prepares.
+//! (tests/python/*.py), run by pytest from the venv `scripts/test` prepares.
 
 mod common;
 
@@ -7,38 +7,41 @@ use std::process::Command;
 
 use common::{SIM_CHUNKS, Stack, require_env};
 
-#[test]
-fn official_python_sdks_work_through_the_gateway() {
+/// Runs one pytest file against the stack with the given environment; fails with the log.
+fn run_pytest(s: &Stack, file: &str, env: &[(&str, String)]) {
     let python = require_env("NZ_TEST_PYTHON");
-    let s = Stack::start();
     let status = Command::new(&python)
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/python/test_sdk_interop.py",
-        ])
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", file])
         .env("NZ_GATEWAY_URL", format!("http://{}", s.gw.addr))
-        .env("NZ_API_KEY", &s.key)
         .env("NZ_MODEL", "llama3.2")
-        .env("NZ_DENIED_MODEL", "mistral:7b")
-        .env("NZ_SIM_CHUNKS", SIM_CHUNKS.to_string())
-        .env("NZ_SIM_URL", s.sim.url())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     assert!(
         status.success(),
-        "pytest failed; gateway log:\n{}",
+        "pytest {file} failed; gateway log:\n{}",
         s.gw.log_text()
     );
 }
 
 #[test]
+fn official_python_sdks_work_through_the_gateway() {
+    let s = Stack::start();
+    run_pytest(
+        &s,
+        "tests/python/test_sdk_interop.py",
+        &[
+            ("NZ_API_KEY", s.key.clone()),
+            ("NZ_DENIED_MODEL", "mistral:7b".into()),
+            ("NZ_SIM_CHUNKS", SIM_CHUNKS.to_string()),
+            ("NZ_SIM_URL", s.sim.url()),
+        ],
+    );
+}
+
+#[test]
 fn the_openai_sdk_sees_rate_limits_as_it_expects() {
-    let python = require_env("NZ_TEST_PYTHON");
     let s = Stack::start();
     let (rpm_key, rpm_prefix) = s.gw.create_key("acme", "rpm", &[]);
     s.gw.cli(&["set-limits", "--prefix", &rpm_prefix, "--rpm", "1"]);
@@ -50,25 +53,9 @@ fn the_openai_sdk_sees_rate_limits_as_it_expects() {
         "--max-concurrent",
         "1",
     ]);
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/python/test_sdk_limits.py",
-        ])
-        .env("NZ_GATEWAY_URL", format!("http://{}", s.gw.addr))
-        .env("NZ_RPM_KEY", &rpm_key)
-        .env("NZ_CONCURRENT_KEY", &conc_key)
-        .env("NZ_MODEL", "llama3.2")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    assert!(
-        status.success(),
-        "pytest failed; gateway log:\n{}",
-        s.gw.log_text()
+    run_pytest(
+        &s,
+        "tests/python/test_sdk_limits.py",
+        &[("NZ_RPM_KEY", rpm_key), ("NZ_CONCURRENT_KEY", conc_key)],
     );
 }

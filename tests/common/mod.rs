@@ -66,35 +66,36 @@ pub fn fresh_database() -> String {
     format!("{base}/{name}")
 }
 
-/// Runs SQL against a test database (for changes the separate console would make).
-pub fn sql(db_url: &str, statement: &str) {
+/// Runs `f` with a short-lived pool on a test database.
+fn with_pool<T>(db_url: &str, f: impl AsyncFnOnce(&sqlx::PgPool) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
         let pool = sqlx::PgPool::connect(db_url).await.expect("connect");
+        let out = f(&pool).await;
+        pool.close().await;
+        out
+    })
+}
+
+/// Runs SQL against a test database (for changes the separate console would make).
+pub fn sql(db_url: &str, statement: &str) {
+    with_pool(db_url, async |pool| {
         sqlx::query(sqlx::AssertSqlSafe(statement.to_string()))
-            .execute(&pool)
+            .execute(pool)
             .await
             .expect("sql");
-        pool.close().await;
     });
 }
 
 pub fn sql_scalar_i64(db_url: &str, statement: &str) -> i64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let pool = sqlx::PgPool::connect(db_url).await.expect("connect");
-        let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(statement.to_string()))
-            .fetch_one(&pool)
+    with_pool(db_url, async |pool| {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(statement.to_string()))
+            .fetch_one(pool)
             .await
-            .expect("sql");
-        pool.close().await;
-        v
+            .expect("sql")
     })
 }
 
