@@ -95,6 +95,14 @@ pub struct RateLimitsChange {
     pub clear: bool,
 }
 
+/// A `set-budget` change: values given are set, others kept; `clear` unsets all three.
+pub struct BudgetChange {
+    pub daily: Option<i64>,
+    pub monthly: Option<i64>,
+    pub total: Option<i64>,
+    pub clear: bool,
+}
+
 /// How a model list change is expressed on the command line.
 pub enum ModelsChange {
     List(Vec<String>),
@@ -404,6 +412,37 @@ impl Admin<'_> {
             .await?;
         let after = snapshot(&mut tx, limits_id, cols).await?;
         self.audit(&mut tx, "set-limits", &target, before, after)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_budget(
+        &self,
+        subject: &Subject,
+        change: BudgetChange,
+    ) -> Result<(), AdminError> {
+        let cols = "budget_daily, budget_monthly, budget_total";
+        let mut tx = self.pool.begin().await?;
+        let (limits_id, target) = limits_row(&mut tx, subject).await?;
+        let before = snapshot(&mut tx, limits_id, cols).await?;
+        let sql = if change.clear {
+            "UPDATE limits SET budget_daily = NULL, budget_monthly = NULL, budget_total = NULL, \
+             updated_at = now() WHERE id = $1"
+        } else {
+            "UPDATE limits SET budget_daily = COALESCE($2, budget_daily), \
+             budget_monthly = COALESCE($3, budget_monthly), budget_total = COALESCE($4, budget_total), \
+             updated_at = now() WHERE id = $1"
+        };
+        sqlx::query(sql)
+            .bind(limits_id)
+            .bind(change.daily)
+            .bind(change.monthly)
+            .bind(change.total)
+            .execute(&mut *tx)
+            .await?;
+        let after = snapshot(&mut tx, limits_id, cols).await?;
+        self.audit(&mut tx, "set-budget", &target, before, after)
             .await?;
         tx.commit().await?;
         Ok(())

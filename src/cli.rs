@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::admin::{Admin, ModelsChange, PolicyChange, RateLimitsChange, Subject};
+use crate::admin::{Admin, BudgetChange, ModelsChange, PolicyChange, RateLimitsChange, Subject};
 use crate::auth::hasher::KeyHasher;
 use crate::settings::{LogFormat, Settings};
 use crate::store;
@@ -126,6 +126,33 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set a tenant's or key's token budgets (UTC day, UTC month, all time).
+    SetBudget {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        daily: Option<i64>,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        monthly: Option<i64>,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        total: Option<i64>,
+        /// Unset all three (a key then inherits its tenant's; a tenant is unlimited).
+        #[arg(long, conflicts_with_all = ["daily", "monthly", "total"])]
+        clear: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show token usage per tenant and key for the current UTC day, month and in total.
+    ShowUsage {
+        #[arg(long, conflicts_with = "prefix")]
+        tenant: Option<String>,
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long, value_parser = ["day", "month", "total"])]
+        period: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a tenant's or key's source-address policy.
     SetPolicy {
         #[command(flatten)]
@@ -205,6 +232,9 @@ pub fn init_tracing(format: LogFormat) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     init_tracing(settings.log_format);
+    if let Some(path) = &settings.clock_offset_file {
+        crate::clock::load_offset(path);
+    }
     let actor = cli.actor.clone().unwrap_or_else(os_user);
     match cli.command {
         Command::Serve {
@@ -344,6 +374,53 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
                 &serde_json::json!({"updated": subject_label(&subject)}),
                 || format!("updated limits of {}", subject_label(&subject)),
             );
+        }
+        Command::SetBudget {
+            subject,
+            daily,
+            monthly,
+            total,
+            clear,
+            json,
+        } => {
+            if !clear && daily.is_none() && monthly.is_none() && total.is_none() {
+                anyhow::bail!("set-budget needs --daily, --monthly, --total or --clear");
+            }
+            let subject = subject.subject();
+            admin
+                .set_budget(
+                    &subject,
+                    BudgetChange {
+                        daily,
+                        monthly,
+                        total,
+                        clear,
+                    },
+                )
+                .await?;
+            emit(
+                json,
+                &serde_json::json!({"updated": subject_label(&subject)}),
+                || format!("updated budgets of {}", subject_label(&subject)),
+            );
+        }
+        Command::ShowUsage {
+            tenant,
+            prefix,
+            period,
+            json,
+        } => {
+            let subject = match (tenant, prefix) {
+                (Some(t), _) => Some(Subject::Tenant(t)),
+                (None, Some(p)) => Some(Subject::Key(p)),
+                (None, None) => None,
+            };
+            let periods = crate::clock::Periods::at(crate::clock::now());
+            let period = period
+                .as_deref()
+                .and_then(crate::usage::PeriodFilter::parse);
+            let rows = crate::usage::show(&pool, subject.as_ref(), period, periods).await?;
+            emit(json, &rows, || crate::usage::table(&rows));
         }
         Command::SetPolicy {
             subject,

@@ -39,6 +39,13 @@ pub enum GatewayError {
         message: String,
         retry_after: Duration,
     },
+    /// A spent daily, monthly or total budget; not retryable before `retry_after` (the period's
+    /// end), and never for a total budget.
+    #[error("{message}")]
+    BudgetExceeded {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("this endpoint is disabled on this gateway")]
     MutationBlocked,
     #[error("model '{0}' is not allowed for this API key")]
@@ -84,7 +91,9 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             Self::Unauthorized => 401,
-            Self::AuthThrottled { .. } | Self::RateLimited { .. } => 429,
+            Self::AuthThrottled { .. } | Self::RateLimited { .. } | Self::BudgetExceeded { .. } => {
+                429
+            }
             Self::MutationBlocked
             | Self::ModelNotAllowed(_)
             | Self::SourceNotAllowed
@@ -110,6 +119,7 @@ impl GatewayError {
             Self::Unauthorized => "invalid_api_key",
             Self::AuthThrottled { .. } => "auth_throttled",
             Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
             Self::MutationBlocked => "endpoint_disabled",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
@@ -134,6 +144,9 @@ impl GatewayError {
 
     /// The OpenAI error `type` the official SDKs expect for this status.
     fn openai_type(&self) -> &'static str {
+        if matches!(self, Self::BudgetExceeded { .. }) {
+            return "insufficient_quota";
+        }
         match self.status() {
             401 => "authentication_error",
             403 => "permission_error",
@@ -149,9 +162,15 @@ impl GatewayError {
             Self::AuthThrottled { retry_after } | Self::RateLimited { retry_after, .. } => {
                 Some(*retry_after)
             }
+            Self::BudgetExceeded { retry_after, .. } => *retry_after,
             Self::Unavailable(_) | Self::UpstreamSaturated => Some(Duration::from_secs(1)),
             _ => None,
         }
+    }
+
+    /// A spent budget will not come back soon: clients (the OpenAI SDK) must not retry it.
+    pub fn should_retry(&self) -> Option<bool> {
+        matches!(self, Self::BudgetExceeded { .. }).then_some(false)
     }
 
     /// The JSON body in the shape of `surface`.

@@ -104,6 +104,22 @@ fn openai_cap(raw: &[u8], p: &Principal, field: &'static str) -> Result<Clamped,
     })
 }
 
+/// Writes a budget's output cap into the field Ollama reads for `route` (SPEC §6). Routes that
+/// generate nothing need no edit.
+pub fn output_cap_edit(route: RouteKind, raw: &[u8], cap: u64) -> Result<Edits, GatewayError> {
+    let field = match route {
+        RouteKind::ApiChat | RouteKind::ApiGenerate => {
+            let mut options = body::object_member(raw, "options")?.unwrap_or_default();
+            options.insert("num_predict".into(), Value::from(cap));
+            return Ok(vec![("options", Some(Value::Object(options)))]);
+        }
+        RouteKind::V1ChatCompletions | RouteKind::V1Completions => "max_tokens",
+        RouteKind::V1Responses => "max_output_tokens",
+        _ => return Ok(Vec::new()),
+    };
+    Ok(vec![(field, Some(Value::from(cap)))])
+}
+
 fn positive(v: Option<&Value>) -> Option<i64> {
     v.and_then(Value::as_i64).filter(|n| *n > 0)
 }

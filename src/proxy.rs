@@ -34,9 +34,10 @@ use crate::accounting::{self, Outcome, UsageScanner};
 use crate::audit::{self, AuditEvent, AuditSink};
 use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
 use crate::body;
+use crate::clock::{self, Periods};
 use crate::cors;
 use crate::errors::{GatewayError, Surface};
-use crate::limits::{Admission, LimitError, LimitKind, Limiter};
+use crate::limits::{self, Admission, BudgetPeriod, Demand, LimitError, LimitKind, Limiter};
 use crate::listing::ListingBuffer;
 use crate::metrics;
 use crate::models::ModelName;
@@ -89,8 +90,14 @@ pub struct RequestCtx {
     strip_usage: bool,
     /// Bytes of the client's own request body (the prompt estimate's basis).
     pub request_body_len: usize,
-    /// Tokens reserved against TPM at admission (prompt estimate + output cap).
-    pub reservation: u64,
+    /// A strict bound on the prompt's tokens (0 when no TPM limit or budget needs it).
+    pub prompt_bound: u64,
+    /// The request's own output cap after the policy clamps (`None`: unlimited).
+    pub output_cap: Option<u64>,
+    /// Names this request's usage in Redis, the audit row and `budget_usage`.
+    pub event_id: uuid::Uuid,
+    /// The UTC day the request was charged to, once it was admitted upstream.
+    pub usage_day: Option<chrono::NaiveDate>,
     pub admission: Option<Admission>,
     limits_checked: bool,
     pub outcome: Option<Outcome>,
@@ -283,14 +290,64 @@ impl Gateway {
         } else {
             body::apply_edits(&bytes, &edits)?
         };
-        ctx.reservation = accounting::estimate_prompt_tokens(ctx.request_body_len)
-            + clamped
-                .output_cap
-                .unwrap_or(self.state.settings.tpm_default_output_tokens);
+        if limits::counts_tokens(principal) {
+            ctx.prompt_bound =
+                limits::reservation::prompt_bound(&bytes, &self.state.settings.budgets);
+        }
+        ctx.output_cap = clamped.output_cap;
         ctx.model = Some(model);
         ctx.stream = parsed.stream;
         ctx.body = Some(bytes);
         Ok(())
+    }
+
+    /// Charges the request to every limit and budget in one Redis round trip, and writes a
+    /// budget's output cap into the body that goes upstream.
+    async fn admit_limits(&self, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        let Some(principal) = ctx.principal.clone() else {
+            return Ok(());
+        };
+        let periods = Periods::at(clock::now());
+        let demand = Demand {
+            prompt_bound: ctx.prompt_bound,
+            output_cap: ctx.output_cap,
+            periods,
+            event_id: ctx.event_id,
+        };
+        let admission = self
+            .state
+            .limiter
+            .admit(&principal, &demand, &ctx.request_id)
+            .await
+            .map_err(limit_refusal)?;
+        ctx.usage_day = Some(periods.day);
+        if let (Some(cap), Some(route), Some(body)) = (
+            admission.as_ref().and_then(|a| a.clamp_output),
+            ctx.route.as_ref(),
+            ctx.body.as_ref(),
+        ) {
+            let edits = policy::output_cap_edit(route.kind, body, cap)?;
+            if !edits.is_empty() {
+                ctx.body = Some(body::apply_edits(body, &edits)?);
+            }
+        }
+        ctx.admission = admission;
+        Ok(())
+    }
+
+    /// Settles as soon as the upstream's body has ended, while its last bytes go out, so a
+    /// client's next request finds the budget already corrected. The upstream slot travels
+    /// with the settlement: shutdown waits for it like for a request.
+    fn settle_early(&self, ctx: &mut RequestCtx) {
+        let Some(admission) = ctx.admission.take() else {
+            return;
+        };
+        let actual = ctx.outcome.as_ref().map_or(0, |o| o.usage.total());
+        let (state, slot) = (self.state.clone(), ctx.upstream_slot.take());
+        tokio::spawn(async move {
+            state.limiter.settle(admission, actual).await;
+            drop(slot);
+        });
     }
 
     async fn serve_gateway_endpoint(
@@ -350,7 +407,7 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
             .map(|v| audit::bounded(v, 256))
     };
     AuditEvent {
-        event_id: uuid::Uuid::new_v4(),
+        event_id: ctx.event_id,
         ts: ctx.started_at,
         request_id: ctx.request_id.clone(),
         tenant_id: principal.map(|p| p.tenant_id),
@@ -377,12 +434,68 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
             .map(|t| (t - ctx.started).as_secs_f64() * 1e3),
         latency_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
         user_agent: header(http::header::USER_AGENT),
+        usage_day: ctx.usage_day,
     }
 }
 
 fn limit_refusal(e: LimitError) -> GatewayError {
     match e {
-        LimitError::Unavailable => GatewayError::Unavailable("rate limiter"),
+        LimitError::Unavailable { budgets: false } => GatewayError::Unavailable("rate limiter"),
+        LimitError::Unavailable { budgets: true } => {
+            GatewayError::Unavailable("rate limiter and budget store")
+        }
+        LimitError::BudgetBusy { scope } => {
+            metrics::RATE_LIMITED
+                .with_label_values(&[scope.as_str(), "budget_in_flight"])
+                .inc();
+            GatewayError::RateLimited {
+                message: format!(
+                    "The token budget of this {} is held by requests in flight. Please try again in 1s.",
+                    scope.as_str()
+                ),
+                retry_after: std::time::Duration::from_secs(1),
+            }
+        }
+        LimitError::Reseeding => {
+            metrics::RATE_LIMITED
+                .with_label_values(&["any", "budget_reseeding"])
+                .inc();
+            GatewayError::Unavailable("budget counters are being restored")
+        }
+        LimitError::Budget {
+            scope,
+            period,
+            limit,
+            retry_after,
+        } => {
+            let kind = match period {
+                BudgetPeriod::Daily => "budget_daily",
+                BudgetPeriod::Monthly => "budget_monthly",
+                BudgetPeriod::Total => "budget_total",
+            };
+            metrics::RATE_LIMITED
+                .with_label_values(&[scope.as_str(), kind])
+                .inc();
+            let when = match period {
+                BudgetPeriod::Total => "It does not renew.".to_string(),
+                _ => format!(
+                    "It renews at the start of the next UTC {}.",
+                    if period == BudgetPeriod::Daily {
+                        "day"
+                    } else {
+                        "month"
+                    }
+                ),
+            };
+            GatewayError::BudgetExceeded {
+                message: format!(
+                    "The {} token budget of this {} ({limit} tokens) has no room for this request. {when}",
+                    period.as_str(),
+                    scope.as_str(),
+                ),
+                retry_after,
+            }
+        }
         LimitError::Exceeded {
             scope,
             kind,
@@ -461,7 +574,10 @@ impl ProxyHttp for Gateway {
             stripper: None,
             strip_usage: false,
             request_body_len: 0,
-            reservation: 0,
+            prompt_bound: 0,
+            output_cap: None,
+            event_id: uuid::Uuid::new_v4(),
+            usage_day: None,
             admission: None,
             limits_checked: false,
             outcome: None,
@@ -566,24 +682,13 @@ impl ProxyHttp for Gateway {
         // Once per request, not per connect attempt.
         if !ctx.limits_checked {
             ctx.limits_checked = true;
-            if let Some(principal) = ctx.principal.clone() {
-                match self
-                    .state
-                    .limiter
-                    .admit(&principal, ctx.reservation, &ctx.request_id)
-                    .await
-                {
-                    Ok(admission) => ctx.admission = admission,
-                    Err(e) => {
-                        let err = limit_refusal(e);
-                        let status = err.status();
-                        ctx.error = Some(err);
-                        return Err(Error::explain(
-                            ErrorType::HTTPStatus(status),
-                            "refused by rate limits",
-                        ));
-                    }
-                }
+            if let Err(err) = self.admit_limits(ctx).await {
+                let status = err.status();
+                ctx.error = Some(err);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "refused by rate limits or budgets",
+                ));
             }
         }
         ctx.upstream_sent_at = Some(Instant::now());
@@ -714,6 +819,9 @@ impl ProxyHttp for Gateway {
                 ctx.outcome = Some(scanner.finish(ctx.request_body_len));
             }
         }
+        if end_of_stream {
+            self.settle_early(ctx);
+        }
         if let Some(stripper) = ctx.stripper.as_mut() {
             let mut out = body
                 .take()
@@ -806,7 +914,7 @@ impl ProxyHttp for Gateway {
         let outcome = ctx.outcome.as_ref();
         if let Some(admission) = ctx.admission.take() {
             let actual = outcome.map_or(0, |o| o.usage.total());
-            self.state.limiter.settle(&admission, actual).await;
+            self.state.limiter.settle(admission, actual).await;
         }
         // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
         // balancers; they are counted in metrics, not audited.

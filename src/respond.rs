@@ -64,6 +64,12 @@ pub async fn error(
     if let Some(retry) = err.retry_after() {
         extra.push((header::RETRY_AFTER, seconds_header(retry)));
     }
+    if err.should_retry() == Some(false) {
+        extra.push((
+            http::HeaderName::from_static("x-should-retry"),
+            http::HeaderValue::from_static("false"),
+        ));
+    }
     json(
         session,
         err.status(),

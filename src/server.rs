@@ -11,14 +11,15 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::audit::AuditSink;
 use crate::audit::writer::AuditWriter;
+use crate::audit::{AuditSink, Pipeline};
 use crate::auth::Authenticator;
 use crate::auth::cache::{DigestKey, PrincipalCache};
 use crate::auth::change_feed::{ChangeFollower, ChangeLog};
 use crate::auth::hasher::KeyHasher;
-use crate::limits::Limiter;
 use crate::limits::leases::{LeaseBook, LeaseRenewer};
+use crate::limits::seed::Seeder;
+use crate::limits::{Limiter, LimiterConfig};
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
 use crate::settings::Settings;
@@ -72,23 +73,39 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let readiness = Readiness::new(store.clone(), redis.clone());
     let listen = settings.listen_addr.to_string();
     let metrics_listen = settings.metrics_addr.to_string();
-    let (audit, audit_rx) = AuditSink::channel(settings.audit_queue_capacity);
+    let pipeline = Arc::new(Pipeline::new(settings.audit_spool_dir.clone()));
+    let (audit, audit_rx) = AuditSink::channel(settings.audit_queue_capacity, pipeline.clone());
     // Requests holding an upstream slot; services behind the proxy outlive them at shutdown.
     let inflight = Arc::new(AtomicUsize::new(0));
     let audit_writer = AuditWriter::new(
         Store::new(&db_url, 2)?,
         audit_rx,
-        settings.audit_spool_dir.clone(),
+        pipeline.clone(),
         settings.audit_retention_days,
         inflight.clone(),
     );
     let leases = Arc::new(LeaseBook::default());
+    let seeder = redis.clone().map(|client| {
+        Arc::new(Seeder::new(
+            client,
+            store.clone(),
+            pipeline,
+            settings.budgets.seed_grace,
+        ))
+    });
     let limiter = Limiter::new(
         redis.clone(),
         leases.clone(),
-        settings.limits_fail_open,
-        &settings.redis_key_prefix,
+        seeder,
+        LimiterConfig {
+            fail_open: settings.limits_fail_open,
+            mode: settings.budgets.mode,
+            min_output: settings.budgets.min_output_tokens,
+            default_output: settings.tpm_default_output_tokens,
+            ns: settings.redis_key_prefix.clone(),
+        },
     );
+    let clock_file = settings.clock_offset_file.clone();
     let state = Arc::new(AppState {
         audit,
         limiter,
@@ -126,6 +143,13 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         ));
     }
     server.add_service(background_service("change-feed", follower));
+    if let Some(path) = clock_file {
+        crate::clock::load_offset(&path);
+        server.add_service(background_service(
+            "clock-offset",
+            crate::clock::OffsetFile(path),
+        ));
+    }
     let mut metrics = pingora_prometheus::prometheus_http_service();
     metrics.add_tcp(&metrics_listen);
     server.add_service(metrics);

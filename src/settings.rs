@@ -38,6 +38,12 @@ const KNOWN: &[&str] = &[
     "KEY_CACHE_SECRET",
     "CORS_ALLOWED_ORIGINS",
     "AUTH_FAILURE_LIMIT_PER_MIN",
+    "BUDGET_MODE",
+    "BUDGET_TEMPLATE_TOKENS",
+    "BUDGET_IMAGE_TOKENS",
+    "BUDGET_MIN_OUTPUT_TOKENS",
+    "BUDGET_SEED_GRACE_MS",
+    "CLOCK_OFFSET_FILE",
     "NEGATIVE_CACHE_TTL_S",
     "LIMITS_FAIL_OPEN",
     "TPM_DEFAULT_OUTPUT_TOKENS",
@@ -94,6 +100,30 @@ pub struct Argon2Settings {
     pub max_concurrency: usize,
 }
 
+/// How budgets are charged (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetMode {
+    /// Reserve the prompt bound plus the output cap before forwarding and clamp the output to
+    /// what is left: the sum of usage never exceeds a budget.
+    Reserve,
+    /// Charge after the fact: cheaper, but requests in flight can overrun a budget.
+    Post,
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetSettings {
+    pub mode: BudgetMode,
+    /// Tokens a chat template and a Modelfile system prompt may add to a prompt.
+    pub template_tokens: u64,
+    /// The most tokens one image can become.
+    pub image_tokens: u64,
+    /// A request is refused when fewer output tokens than this fit in a budget.
+    pub min_output_tokens: u64,
+    /// How long budget counters lost by Redis wait before they are re-seeded from Postgres, so
+    /// usage other instances are still writing has arrived.
+    pub seed_grace: Duration,
+}
+
 #[derive(Debug)]
 pub struct Settings {
     pub listen_addr: SocketAddr,
@@ -124,6 +154,10 @@ pub struct Settings {
     pub limits_fail_open: bool,
     /// Output tokens reserved against TPM for a request that sets no output cap.
     pub tpm_default_output_tokens: u64,
+    pub budgets: BudgetSettings,
+    /// Testing aid: a file holding a number of seconds added to the clock that decides budget
+    /// periods, so a test can move to the next day without waiting for it.
+    pub clock_offset_file: Option<std::path::PathBuf>,
     /// Where audit batches wait while Postgres is away (one file per process).
     pub audit_spool_dir: std::path::PathBuf,
     /// Audit events queued between the proxy and the sidecar.
@@ -205,6 +239,28 @@ impl Settings {
                 0,
                 10_000_000,
             )?,
+            budgets: BudgetSettings {
+                mode: match r.get("BUDGET_MODE").unwrap_or("reserve") {
+                    "reserve" => BudgetMode::Reserve,
+                    "post" => BudgetMode::Post,
+                    other => {
+                        return Err(invalid(
+                            "BUDGET_MODE",
+                            format!("`{other}` is not reserve or post"),
+                        ));
+                    }
+                },
+                template_tokens: r.number("BUDGET_TEMPLATE_TOKENS", 128, 0, 1_000_000)?,
+                image_tokens: r.number("BUDGET_IMAGE_TOKENS", 2048, 0, 1_000_000)?,
+                min_output_tokens: r.number("BUDGET_MIN_OUTPUT_TOKENS", 1, 1, 1_000_000)?,
+                seed_grace: Duration::from_millis(r.number(
+                    "BUDGET_SEED_GRACE_MS",
+                    1000,
+                    0,
+                    600_000,
+                )?),
+            },
+            clock_offset_file: r.get("CLOCK_OFFSET_FILE").map(std::path::PathBuf::from),
             audit_spool_dir: r.get("AUDIT_SPOOL_DIR").map_or_else(
                 || std::env::temp_dir().join("neuronetz-spool"),
                 std::path::PathBuf::from,

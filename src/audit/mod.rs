@@ -6,7 +6,11 @@
 
 pub mod writer;
 
-use chrono::{DateTime, Utc};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -35,23 +39,62 @@ pub struct AuditEvent {
     pub ttfb_ms: Option<f64>,
     pub latency_ms: f64,
     pub user_agent: Option<String>,
+    /// The UTC day whose budgets the request was charged to; set for every request that went
+    /// upstream, so its usage reaches `budget_usage`. Absent in spools of older versions.
+    #[serde(default)]
+    pub usage_day: Option<NaiveDate>,
+}
+
+/// How much the sidecar still holds: events queued or being written, and spool files waiting
+/// for Postgres. Budget re-seeding waits until this instance's pipeline is empty.
+pub struct Pipeline {
+    pending: AtomicUsize,
+    spool_dir: PathBuf,
+}
+
+impl Pipeline {
+    pub fn new(spool_dir: PathBuf) -> Self {
+        Self {
+            pending: AtomicUsize::new(0),
+            spool_dir,
+        }
+    }
+
+    /// `n` events left the writer (written or spooled).
+    pub fn done(&self, n: usize) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0 && writer::spool_files(&self.spool_dir).is_empty()
+    }
+
+    pub fn spool_dir(&self) -> &std::path::Path {
+        &self.spool_dir
+    }
 }
 
 /// The proxy's end of the channel.
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<AuditEvent>,
+    pipeline: Arc<Pipeline>,
     /// Free capacity below which new requests are refused (503 `audit_backlog`) rather than
     /// served unaudited.
     low_water: usize,
 }
 
 impl AuditSink {
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<AuditEvent>) {
+    pub fn channel(capacity: usize, pipeline: Arc<Pipeline>) -> (Self, mpsc::Receiver<AuditEvent>) {
         let (tx, rx) = mpsc::channel(capacity);
         (
             Self {
                 tx,
+                pipeline,
                 low_water: capacity / 10,
             },
             rx,
@@ -60,9 +103,15 @@ impl AuditSink {
 
     /// Waits for channel space: the client already has its answer, and no event is dropped.
     pub async fn send(&self, event: AuditEvent) {
+        self.pipeline.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.send(event).await.is_err() {
+            self.pipeline.done(1);
             tracing::error!("audit writer has stopped; an audit event was lost");
         }
+    }
+
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        self.pipeline.clone()
     }
 
     /// The backlog is so deep that new requests must wait until the writer catches up.

@@ -20,7 +20,7 @@ use pingora::services::background::BackgroundService;
 use sqlx::{Postgres, QueryBuilder};
 use tokio::sync::mpsc;
 
-use super::AuditEvent;
+use super::{AuditEvent, Pipeline};
 use crate::log_throttle::LogEvery;
 use crate::store::Store;
 
@@ -35,6 +35,7 @@ const DRAIN_MAX: Duration = Duration::from_secs(120);
 
 pub struct AuditWriter {
     store: Store,
+    pipeline: Arc<Pipeline>,
     inflight: Arc<AtomicUsize>,
     retention_days: u32,
     rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
@@ -46,12 +47,14 @@ impl AuditWriter {
     pub fn new(
         store: Store,
         rx: mpsc::Receiver<AuditEvent>,
-        spool_dir: PathBuf,
+        pipeline: Arc<Pipeline>,
         retention_days: u32,
         inflight: Arc<AtomicUsize>,
     ) -> Self {
+        let spool_dir = pipeline.spool_dir().to_path_buf();
         Self {
             store,
+            pipeline,
             inflight,
             retention_days,
             rx: Mutex::new(Some(rx)),
@@ -65,41 +68,16 @@ impl AuditWriter {
             .join(format!("audit-{}.jsonl", std::process::id()))
     }
 
+    /// Audit rows and their usage in one transaction: a batch counts entirely or not at all,
+    /// and a replayed one counts once (event ids).
     async fn insert(&self, batch: &[AuditEvent]) -> Result<(), sqlx::Error> {
         for chunk in batch.chunks(BATCH) {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, client_ip, \
-                 method, path, surface, model, stream, status, upstream_status, error_code, prompt_tokens, \
-                 completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) ",
-            );
-            qb.push_values(chunk, |mut b, e| {
-                b.push_bind(e.event_id)
-                    .push_bind(e.ts)
-                    .push_bind(&e.request_id)
-                    .push_bind(e.tenant_id)
-                    .push_bind(e.key_id)
-                    .push_bind(&e.key_prefix)
-                    .push("CAST(")
-                    .push_bind_unseparated(&e.client_ip)
-                    .push_unseparated(" AS inet)")
-                    .push_bind(&e.method)
-                    .push_bind(&e.path)
-                    .push_bind(&e.surface)
-                    .push_bind(&e.model)
-                    .push_bind(e.stream)
-                    .push_bind(e.status)
-                    .push_bind(e.upstream_status)
-                    .push_bind(&e.error_code)
-                    .push_bind(e.prompt_tokens)
-                    .push_bind(e.completion_tokens)
-                    .push_bind(e.bytes_in)
-                    .push_bind(e.bytes_out)
-                    .push_bind(e.ttfb_ms)
-                    .push_bind(e.latency_ms)
-                    .push_bind(&e.user_agent);
-            });
-            qb.push(" ON CONFLICT (event_id, ts) DO NOTHING");
-            qb.build().execute(self.store.pool().await).await?;
+            let mut tx = self.store.pool().await.begin().await?;
+            audit_rows(chunk).build().execute(&mut *tx).await?;
+            if let Some(mut usage) = usage_rows(chunk) {
+                usage.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
         Ok(())
     }
@@ -109,6 +87,11 @@ impl AuditWriter {
         if batch.is_empty() {
             return;
         }
+        self.write_or_spool(batch).await;
+        self.pipeline.done(batch.len());
+    }
+
+    async fn write_or_spool(&self, batch: &[AuditEvent]) {
         crate::metrics::AUDIT_BATCH.observe(batch.len() as f64);
         if self.spool_pending() {
             // Keep order simple: while a spool exists, new batches join it; replay empties it.
@@ -153,6 +136,13 @@ impl AuditWriter {
         )
         .bind(i32::try_from(self.retention_days).unwrap_or(i32::MAX))
         .fetch_all(pool)
+        .await?;
+        // Replays come from spools of the last minutes or days, never from beyond retention.
+        sqlx::query(
+            "DELETE FROM usage_events_applied WHERE applied_at < now() - make_interval(days => $1)",
+        )
+        .bind(i32::try_from(self.retention_days).unwrap_or(i32::MAX))
+        .execute(pool)
         .await?;
         for (name,) in old {
             sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {name}")))
@@ -296,6 +286,104 @@ impl AuditWriter {
     }
 }
 
+fn audit_rows(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, client_ip, \
+         method, path, surface, model, stream, status, upstream_status, error_code, prompt_tokens, \
+         completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) ",
+    );
+    qb.push_values(chunk, |mut b, e| {
+        b.push_bind(e.event_id)
+            .push_bind(e.ts)
+            .push_bind(&e.request_id)
+            .push_bind(e.tenant_id)
+            .push_bind(e.key_id)
+            .push_bind(&e.key_prefix)
+            .push("CAST(")
+            .push_bind_unseparated(&e.client_ip)
+            .push_unseparated(" AS inet)")
+            .push_bind(&e.method)
+            .push_bind(&e.path)
+            .push_bind(&e.surface)
+            .push_bind(&e.model)
+            .push_bind(e.stream)
+            .push_bind(e.status)
+            .push_bind(e.upstream_status)
+            .push_bind(&e.error_code)
+            .push_bind(e.prompt_tokens)
+            .push_bind(e.completion_tokens)
+            .push_bind(e.bytes_in)
+            .push_bind(e.bytes_out)
+            .push_bind(e.ttfb_ms)
+            .push_bind(e.latency_ms)
+            .push_bind(&e.user_agent);
+    });
+    qb.push(" ON CONFLICT (event_id, ts) DO NOTHING");
+    qb
+}
+
+/// Adds the usage of every event not applied before to `budget_usage`: per tenant and per key,
+/// for its day, its month and the running total. `None` when no event in the chunk went upstream.
+fn usage_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
+    let charged: Vec<&AuditEvent> = chunk
+        .iter()
+        .filter(|e| e.usage_day.is_some() && e.tenant_id.is_some() && e.key_id.is_some())
+        .collect();
+    if charged.is_empty() {
+        return None;
+    }
+    let ids: Vec<uuid::Uuid> = charged.iter().map(|e| e.event_id).collect();
+    let tenants: Vec<i64> = charged.iter().filter_map(|e| e.tenant_id).collect();
+    let keys: Vec<i64> = charged.iter().filter_map(|e| e.key_id).collect();
+    let days: Vec<chrono::NaiveDate> = charged.iter().filter_map(|e| e.usage_day).collect();
+    let prompt: Vec<i64> = charged
+        .iter()
+        .map(|e| e.prompt_tokens.unwrap_or(0))
+        .collect();
+    let completion: Vec<i64> = charged
+        .iter()
+        .map(|e| e.completion_tokens.unwrap_or(0))
+        .collect();
+    // Rows are upserted in primary-key order, so two writers never wait on each other in a
+    // cycle (deadlock).
+    let mut qb = QueryBuilder::new("WITH ev AS (SELECT * FROM unnest(");
+    qb.push_bind(ids)
+        .push("::uuid[], ")
+        .push_bind(tenants)
+        .push("::bigint[], ")
+        .push_bind(keys)
+        .push("::bigint[], ")
+        .push_bind(days)
+        .push("::date[], ")
+        .push_bind(prompt)
+        .push("::bigint[], ")
+        .push_bind(completion)
+        .push(
+            "::bigint[]) AS e(event_id, tenant_id, key_id, day, prompt, completion)), \
+             fresh AS (INSERT INTO usage_events_applied (event_id) SELECT event_id FROM ev \
+                       ON CONFLICT DO NOTHING RETURNING event_id), \
+             rows AS (SELECT s.scope, e.tenant_id, \
+                        CASE WHEN s.scope = 'key' THEN e.key_id ELSE 0 END AS key_id, p.period, \
+                        CASE p.period WHEN 'day' THEN e.day \
+                                      WHEN 'month' THEN date_trunc('month', e.day)::date \
+                                      ELSE DATE '1970-01-01' END AS period_start, \
+                        e.prompt, e.completion \
+                      FROM ev e JOIN fresh f USING (event_id) \
+                      CROSS JOIN (VALUES ('tenant'), ('key')) AS s(scope) \
+                      CROSS JOIN (VALUES ('day'), ('month'), ('total')) AS p(period)) \
+             INSERT INTO budget_usage AS u (scope, tenant_id, key_id, period, period_start, \
+                                            requests, prompt_tokens, completion_tokens) \
+             SELECT scope, tenant_id, key_id, period, period_start, count(*), sum(prompt), sum(completion) \
+             FROM rows GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
+             ON CONFLICT (scope, tenant_id, key_id, period, period_start) DO UPDATE SET \
+               requests = u.requests + EXCLUDED.requests, \
+               prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
+               completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens, \
+               updated_at = now()",
+        );
+    Some(qb)
+}
+
 fn append_spool(path: &Path, batch: &[AuditEvent]) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -339,7 +427,7 @@ fn read_spool(path: &Path) -> std::io::Result<Vec<AuditEvent>> {
     Ok(out)
 }
 
-fn spool_files(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn spool_files(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -394,6 +482,7 @@ mod tests {
             ttfb_ms: None,
             latency_ms: 1.5,
             user_agent: None,
+            usage_day: None,
         }
     }
 

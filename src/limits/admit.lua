@@ -1,29 +1,111 @@
--- Atomic admission for one request against every limit of its key and tenant (SPEC §5).
--- Nothing is charged unless every check passes, so a request refused by one limit consumes
--- nothing from the others.
+-- Atomic admission of one request against every rate limit and budget of its key and tenant
+-- (SPEC §5, §6). Nothing is charged unless every check passes, so a request refused by one
+-- check consumes nothing from the others.
 --
--- KEYS, 5 per scope (key first, then tenant):
---   requests this minute, requests last minute, tokens this minute, tokens last minute,
---   concurrency lease set (ZSET member -> lease expiry in ms)
--- ARGV: now_ms, fraction of the current minute elapsed, token reservation, lease member,
---       lease expiry ms, then per scope: rpm limit, tpm limit, concurrency limit (-1 = none)
--- Returns {0, rpm_used_est, tpm_used_est, ... per scope} when admitted (estimates after the
--- charge), or {1, scope index, kind (1 requests, 2 tokens, 3 concurrency), current, previous}.
+-- KEYS: first 5 per rate scope (requests this minute, requests last minute, tokens this minute,
+--       tokens last minute, concurrency lease set: member -> lease expiry ms), then 2 per budget
+--       scope (usage hash, reservation set: member -> lease expiry ms). Key scope first.
+-- ARGV:  1 now ms            2 fraction of the minute elapsed   3 prompt bound (tokens)
+--        4 requested output cap (-1: none)   5 output reserved against TPM when nothing caps it
+--        6 smallest output worth admitting   7 lease member     8 lease expiry ms
+--        9 day stamp YYYYMMDD   10 month stamp YYYYMM   11 budget mode (1 reserve, 0 post)
+--        12 number of rate scopes, then 3 per rate scope (rpm, tpm, concurrency; -1 none),
+--        then 3 per budget scope (daily, monthly, total; -1 none)
+-- Usage hash fields: ds/d (day stamp, tokens), ms/m (month), t (total), rsum (tokens reserved by
+-- requests in flight), r:<member> (one reservation), seeding (re-seed in progress since ms),
+-- late:<event id> (usage settled while seeding: "tokens:day:month").
+-- Replies:
+--   {0, output cap (-1: none), requests used, tokens used, ... per rate scope}   admitted
+--   {1, rate scope, kind (1 requests, 2 tokens, 3 concurrency), current, previous}
+--   {2, budget scope}                        counters lost: re-seed from Postgres first
+--   {3, budget scope, period (1 day, 2 month, 3 total), used, limit}   budget spent
+--   {4, budget scope, period}                 room held by reservations of requests in flight
 local now = tonumber(ARGV[1])
 local frac = tonumber(ARGV[2])
-local reservation = tonumber(ARGV[3])
-local member = ARGV[4]
-local lease_until = tonumber(ARGV[5])
-local scopes = #KEYS / 5
+local bound = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
+local minimal = tonumber(ARGV[6])
+local member = ARGV[7]
+local lease_until = tonumber(ARGV[8])
+local day, month = ARGV[9], ARGV[10]
+local reserve = ARGV[11] == '1'
+local rates = tonumber(ARGV[12])
+local budgets = (#KEYS - rates * 5) / 2
+local budget_args = 13 + rates * 3
+local KEEP_USAGE_MS = 40 * 86400000
 
 local function num(key)
   return tonumber(redis.call('GET', key) or '0')
 end
 
+local function field(h, f)
+  return tonumber(redis.call('HGET', h, f) or '0')
+end
+
+-- Budgets first: the tightest one decides the output cap, and so the reservation.
+for j = 0, budgets - 1 do
+  local h, z = KEYS[rates * 5 + j * 2 + 1], KEYS[rates * 5 + j * 2 + 2]
+  if redis.call('EXISTS', h) == 0 then
+    redis.call('HSET', h, 'seeding', now)
+    return {2, j}
+  end
+  if redis.call('HEXISTS', h, 'seeding') == 1 then
+    return {2, j}
+  end
+  -- Reservations of an instance that stopped renewing them (it crashed) lapse.
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now)) do
+    local amount = redis.call('HGET', h, 'r:' .. m)
+    if amount then
+      redis.call('HINCRBY', h, 'rsum', -tonumber(amount))
+      redis.call('HDEL', h, 'r:' .. m)
+    end
+    redis.call('ZREM', z, m)
+  end
+  -- Periods only roll forward: an instance whose clock lags cannot reset a newer day.
+  if tonumber(redis.call('HGET', h, 'ds') or '0') < tonumber(day) then
+    redis.call('HSET', h, 'ds', day, 'd', 0)
+  end
+  if tonumber(redis.call('HGET', h, 'ms') or '0') < tonumber(month) then
+    redis.call('HSET', h, 'ms', month, 'm', 0)
+  end
+  local in_flight = 0
+  if reserve then
+    in_flight = field(h, 'rsum')
+  end
+  local used = {field(h, 'd'), field(h, 'm'), field(h, 't')}
+  for p = 1, 3 do
+    local limit = tonumber(ARGV[budget_args + j * 3 + p - 1])
+    if limit >= 0 then
+      local left = limit - used[p] - in_flight
+      if reserve then
+        local room = left - bound
+        if room < minimal then
+          if limit - used[p] - bound >= minimal then
+            -- Only reservations of requests in flight are in the way: retry in a moment.
+            return {4, j, p}
+          end
+          return {3, j, p, used[p] + in_flight, limit}
+        end
+        if cap < 0 or room < cap then
+          cap = room
+        end
+      elseif left <= 0 then
+        return {3, j, p, used[p], limit}
+      end
+    end
+  end
+end
+
+local output = cap
+if output < 0 then
+  output = tonumber(ARGV[5])
+end
+local reservation = bound + output
+
 local used = {}
-for i = 0, scopes - 1 do
+for i = 0, rates - 1 do
   local k = i * 5
-  local a = 6 + i * 3
+  local a = 13 + i * 3
   local rpm, tpm, conc = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if conc >= 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
@@ -46,9 +128,9 @@ for i = 0, scopes - 1 do
   used[#used + 1] = math.ceil(t_est + reservation)
 end
 
-for i = 0, scopes - 1 do
+for i = 0, rates - 1 do
   local k = i * 5
-  local conc = tonumber(ARGV[8 + i * 3])
+  local conc = tonumber(ARGV[15 + i * 3])
   redis.call('INCR', KEYS[k + 1])
   redis.call('PEXPIRE', KEYS[k + 1], 120000)
   if reservation > 0 then
@@ -61,7 +143,18 @@ for i = 0, scopes - 1 do
   end
 end
 
-local out = {0}
+for j = 0, budgets - 1 do
+  local h, z = KEYS[rates * 5 + j * 2 + 1], KEYS[rates * 5 + j * 2 + 2]
+  if reserve then
+    redis.call('HSET', h, 'r:' .. member, reservation)
+    redis.call('HINCRBY', h, 'rsum', reservation)
+    redis.call('ZADD', z, lease_until, member)
+    redis.call('PEXPIRE', z, 600000)
+  end
+  redis.call('PEXPIRE', h, KEEP_USAGE_MS)
+end
+
+local out = {0, cap}
 for _, v in ipairs(used) do
   out[#out + 1] = v
 end

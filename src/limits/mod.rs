@@ -1,16 +1,25 @@
-//! Rate limits (SPEC §5): requests per minute, tokens per minute and concurrent requests, per
-//! key and per tenant, decided for all of them in one atomic Redis round trip (a Lua script via
-//! EVALSHA, reloaded on NOSCRIPT) and settled with the actual token count in a second one after
-//! the response. Several gateway instances sharing one Redis enforce one limit together.
+//! Rate limits and budgets (SPEC §5, §6): requests per minute, tokens per minute, concurrent
+//! requests and daily/monthly/total token budgets, per key and per tenant, all decided in one
+//! atomic Redis round trip (a Lua script via EVALSHA, reloaded on NOSCRIPT) and settled with the
+//! actual token count in a second one after the response. Several gateway instances sharing one
+//! Redis enforce one limit together.
 //!
 //! Minute windows slide: two 60 s buckets, the previous one weighted by the part of it that
 //! still overlaps the last minute (the estimate pingora-limits uses). Tokens cannot be known in
-//! advance, so a reservation R (prompt estimate + output cap) is charged at admission and the
-//! charged bucket is corrected to the actual count at settlement. Concurrency slots are leases
-//! in a sorted set scored by expiry; each instance renews its leases every few seconds, so a
-//! crashed instance's slots lapse after [`LEASE_TTL`].
+//! advance, so one reservation R = prompt bound + output cap is charged to the TPM windows and
+//! the budgets at admission and corrected to the actual count at settlement. In reserve mode the
+//! output cap is clamped to what the tightest budget has left after every reservation in
+//! flight, so the sum of actual usage never exceeds a budget. Concurrency slots and budget
+//! reservations are leases in sorted sets scored by expiry; each instance renews its own every
+//! few seconds, so a crashed instance's slots and reservations lapse after [`LEASE_TTL`].
+//!
+//! Budget counters live in one Redis hash per key and per tenant; Postgres (`budget_usage`,
+//! written by the audit sidecar) holds the durable usage they are re-seeded from when Redis
+//! has lost them ([`seed`]).
 
 pub mod leases;
+pub mod reservation;
+pub mod seed;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,18 +27,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fred::prelude::{Client, SortedSetsInterface};
 use fred::types::scripts::Script;
 
+use crate::clock::{self, Periods};
 use crate::log_throttle::LogEvery;
 use crate::principal::{Principal, ScopeLimits};
+use crate::settings::BudgetMode;
 use leases::LeaseBook;
+use seed::{SeedOutcome, SeedTarget, Seeder};
 
-/// How long a concurrency lease lives without renewal.
+/// How long a concurrency lease or budget reservation lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
 const ADMIT_LUA: &str = include_str!("admit.lua");
-/// Largest token reservation sent to Redis (2^40): far above any real limit, far below where
-/// Lua numbers lose integer precision.
-const MAX_RESERVATION: u64 = 1 << 40;
+/// Largest token amount sent to Redis (2^40): far above any real limit, far below where Lua
+/// numbers lose integer precision.
+const MAX_TOKENS: u64 = 1 << 40;
 const SETTLE_LUA: &str = include_str!("settle.lua");
+/// Waits before admitting again when only reservations of requests in flight fill a budget.
+const BUSY_RETRIES: [Duration; 3] = [
+    Duration::from_millis(20),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -53,6 +71,23 @@ pub enum LimitKind {
     Concurrency,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Daily,
+    Monthly,
+    Total,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Daily => "daily",
+            BudgetPeriod::Monthly => "monthly",
+            BudgetPeriod::Total => "total",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitError {
     Exceeded {
@@ -61,8 +96,20 @@ pub enum LimitError {
         limit: i64,
         retry_after: Duration,
     },
-    /// Redis could not decide and limits fail closed.
-    Unavailable,
+    /// A budget has no room for this request; `retry_after` is the period's end (none for a
+    /// spent total budget).
+    Budget {
+        scope: Scope,
+        period: BudgetPeriod,
+        limit: i64,
+        retry_after: Option<Duration>,
+    },
+    /// The budget has room, but requests in flight have reserved it: retry in a moment.
+    BudgetBusy { scope: Scope },
+    /// Redis lost the budget counters; they are being re-seeded from Postgres.
+    Reseeding,
+    /// Redis could not decide and limits fail closed (budgets always do).
+    Unavailable { budgets: bool },
 }
 
 /// OpenAI-style `x-ratelimit-*` values of the tightest applicable limit.
@@ -74,13 +121,34 @@ pub struct RateHeaders {
     pub reset_secs: u64,
 }
 
+/// What a request may consume, known before it is forwarded.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    /// A strict upper bound on its prompt tokens ([`reservation::prompt_bound`]).
+    pub prompt_bound: u64,
+    /// Its own output cap after the policy clamps; `None` = unlimited, `Some(0)` for routes that
+    /// generate nothing.
+    pub output_cap: Option<u64>,
+    /// The budget periods it is charged to.
+    pub periods: Periods,
+    /// Names its usage across Redis, the audit row and `budget_usage`.
+    pub event_id: uuid::Uuid,
+}
+
 /// An admitted request's charges, kept in the CTX until settlement.
 #[derive(Debug, Clone)]
 pub struct Admission {
     member: String,
     token_keys: Vec<String>,
     lease_keys: Vec<String>,
+    budget_keys: Vec<String>,
     reserved: u64,
+    day: String,
+    month: String,
+    event_id: String,
+    /// The output cap a budget imposes, when it is tighter than the request's own: the
+    /// forwarded body must carry it.
+    pub clamp_output: Option<u64>,
     pub headers: RateHeaders,
 }
 
@@ -90,15 +158,36 @@ pub struct Limiter {
     settle: Script,
     instance: String,
     leases: Arc<LeaseBook>,
+    seeder: Option<Arc<Seeder>>,
     fail_open: bool,
+    mode: BudgetMode,
+    min_output: u64,
+    default_output: u64,
     warning: LogEvery,
     /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
     ns: String,
 }
 
-struct ScopeArgs<'a> {
+/// How the limiter is configured (from the settings).
+pub struct LimiterConfig {
+    pub fail_open: bool,
+    pub mode: BudgetMode,
+    /// Fewer output tokens than this fitting in a budget is a refusal.
+    pub min_output: u64,
+    /// Output reserved against TPM when nothing caps a request's output.
+    pub default_output: u64,
+    pub ns: String,
+}
+
+struct RateScope<'a> {
     scope: Scope,
     prefix: String,
+    limits: &'a ScopeLimits,
+}
+
+struct BudgetScope<'a> {
+    scope: Scope,
+    target: SeedTarget,
     limits: &'a ScopeLimits,
 }
 
@@ -106,54 +195,141 @@ fn limit_arg(v: Option<i64>) -> i64 {
     v.unwrap_or(-1)
 }
 
+fn has_rate(l: &ScopeLimits) -> bool {
+    l.rpm.is_some() || l.tpm.is_some() || l.max_concurrent.is_some()
+}
+
+fn has_budget(l: &ScopeLimits) -> bool {
+    l.budget_daily.is_some() || l.budget_monthly.is_some() || l.budget_total.is_some()
+}
+
+/// Whether any TPM limit or budget needs a request's prompt bound.
+pub fn counts_tokens(p: &Principal) -> bool {
+    [&p.key_limits, &p.tenant_limits]
+        .iter()
+        .any(|l| l.tpm.is_some() || has_budget(l))
+}
+
 impl Limiter {
-    pub fn new(redis: Option<Client>, leases: Arc<LeaseBook>, fail_open: bool, ns: &str) -> Self {
+    pub fn new(
+        redis: Option<Client>,
+        leases: Arc<LeaseBook>,
+        seeder: Option<Arc<Seeder>>,
+        config: LimiterConfig,
+    ) -> Self {
         Self {
             redis,
             admit: Script::from_lua(ADMIT_LUA),
             settle: Script::from_lua(SETTLE_LUA),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             leases,
-            fail_open,
+            seeder,
+            fail_open: config.fail_open,
+            mode: config.mode,
+            min_output: config.min_output,
+            default_output: config.default_output,
             warning: LogEvery::new(Duration::from_secs(30)),
-            ns: ns.to_string(),
+            ns: config.ns,
         }
     }
 
-    /// Checks and charges every limit of the key and its tenant. `Ok(None)`: no limit applies
-    /// (no Redis round trip), or Redis is down and limits fail open.
+    fn scopes<'a>(&self, p: &'a Principal) -> (Vec<RateScope<'a>>, Vec<BudgetScope<'a>>) {
+        let both = [
+            (Scope::Key, "k", p.key_id, &p.key_limits),
+            (Scope::Tenant, "t", p.tenant_id, &p.tenant_limits),
+        ];
+        let rates = both
+            .iter()
+            .filter(|(_, _, _, l)| has_rate(l))
+            .map(|(scope, tag, id, limits)| RateScope {
+                scope: *scope,
+                prefix: format!("{}:rl:{tag}:{id}", self.ns),
+                limits,
+            })
+            .collect();
+        let budgets = both
+            .iter()
+            .filter(|(_, _, _, l)| has_budget(l))
+            .map(|(scope, tag, id, limits)| BudgetScope {
+                scope: *scope,
+                target: SeedTarget {
+                    hash: format!("{}:bu:{tag}:{id}", self.ns),
+                    scope: *scope,
+                    tenant_id: p.tenant_id,
+                    key_id: if *scope == Scope::Key { p.key_id } else { 0 },
+                },
+                limits,
+            })
+            .collect();
+        (rates, budgets)
+    }
+
+    /// Checks and charges every limit and budget of the key and its tenant. `Ok(None)`: none
+    /// applies (no Redis round trip), or Redis is down and rate limits fail open.
     pub async fn admit(
         &self,
         p: &Principal,
-        reservation: u64,
+        demand: &Demand,
         request_id: &str,
     ) -> Result<Option<Admission>, LimitError> {
-        let scopes: Vec<ScopeArgs> = [
-            (
-                Scope::Key,
-                format!("{}:rl:k:{}", self.ns, p.key_id),
-                &p.key_limits,
-            ),
-            (
-                Scope::Tenant,
-                format!("{}:rl:t:{}", self.ns, p.tenant_id),
-                &p.tenant_limits,
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, _, l)| l.rpm.is_some() || l.tpm.is_some() || l.max_concurrent.is_some())
-        .map(|(scope, prefix, limits)| ScopeArgs {
-            scope,
-            prefix,
-            limits,
-        })
-        .collect();
-        if scopes.is_empty() {
+        let (rates, budgets) = self.scopes(p);
+        if rates.is_empty() && budgets.is_empty() {
             return Ok(None);
         }
         let Some(redis) = &self.redis else {
-            return self.unavailable("REDIS_URL is not set");
+            return self.unavailable(!budgets.is_empty(), "REDIS_URL is not set");
         };
+        // Each missing budget scope may need a seed; requests in flight may briefly hold a
+        // budget's room (their settlement is under way): a few quick retries, then an answer.
+        let mut busy_waits = BUSY_RETRIES.iter();
+        for _ in 0..=budgets.len() + BUSY_RETRIES.len() {
+            let reply = match self
+                .try_admit(redis, &rates, &budgets, demand, request_id)
+                .await
+            {
+                Err(Reply::Reseed(index)) => self.reseed(&budgets, index).await,
+                Err(Reply::Busy(index)) => match busy_waits.next() {
+                    Some(wait) => {
+                        tokio::time::sleep(*wait).await;
+                        continue;
+                    }
+                    None => Err(Reply::Busy(index)),
+                },
+                other => other,
+            };
+            match reply {
+                Err(Reply::Seeded) => continue,
+                other => return other.map_err(|r| self.refusal(r, &rates, &budgets)),
+            }
+        }
+        Err(LimitError::Reseeding)
+    }
+
+    /// Counters missing: a scope never used since Redis started is restored right away; after
+    /// a real loss the seeder waits for in-flight usage, and this request gets 503.
+    async fn reseed(
+        &self,
+        budgets: &[BudgetScope<'_>],
+        index: usize,
+    ) -> Result<Option<Admission>, Reply> {
+        let (Some(seeder), Some(b)) = (self.seeder.as_ref(), budgets.get(index)) else {
+            return Err(Reply::Reseed(index));
+        };
+        match seeder.seed_if_fresh(&b.target, clock::now()).await {
+            SeedOutcome::Seeded => Err(Reply::Seeded),
+            SeedOutcome::Pending => Err(Reply::Reseed(index)),
+            SeedOutcome::Failed => Err(Reply::Error(true)),
+        }
+    }
+
+    async fn try_admit(
+        &self,
+        redis: &Client,
+        rates: &[RateScope<'_>],
+        budgets: &[BudgetScope<'_>],
+        demand: &Demand,
+        request_id: &str,
+    ) -> Result<Option<Admission>, Reply> {
         let now_ms = now_ms();
         let minute = now_ms / 60_000;
         let frac = (now_ms % 60_000) as f64 / 60_000.0;
@@ -164,17 +340,28 @@ impl Limiter {
             self.instance,
             uuid::Uuid::new_v4().simple()
         );
-        // Bounded so Redis integer arithmetic stays exact whatever cap a client asks for.
-        let reservation = reservation.min(MAX_RESERVATION);
-        let mut keys = Vec::with_capacity(scopes.len() * 5);
+        let (day, month) = (demand.periods.day_stamp(), demand.periods.month_stamp());
+        // Bounded so Redis integer arithmetic stays exact whatever a client asks for.
+        let bound = demand.prompt_bound.min(MAX_TOKENS);
+        let requested = demand.output_cap.map_or(-1, |c| c.min(MAX_TOKENS) as i64);
+        let reserve = self.mode == BudgetMode::Reserve;
+        let minimal = if requested == 0 { 0 } else { self.min_output };
+        let mut keys = Vec::with_capacity(rates.len() * 5 + budgets.len() * 2);
         let mut args: Vec<String> = vec![
             now_ms.to_string(),
             format!("{frac:.6}"),
-            reservation.to_string(),
+            bound.to_string(),
+            requested.to_string(),
+            self.default_output.min(MAX_TOKENS).to_string(),
+            minimal.to_string(),
             member.clone(),
             (now_ms + LEASE_TTL.as_millis() as u64).to_string(),
+            day.clone(),
+            month.clone(),
+            if reserve { "1" } else { "0" }.to_string(),
+            rates.len().to_string(),
         ];
-        for s in &scopes {
+        for s in rates {
             keys.push(format!("{}:r:{minute}", s.prefix));
             keys.push(format!("{}:r:{}", s.prefix, minute - 1));
             keys.push(format!("{}:t:{minute}", s.prefix));
@@ -184,49 +371,99 @@ impl Limiter {
             args.push(limit_arg(s.limits.tpm).to_string());
             args.push(limit_arg(s.limits.max_concurrent).to_string());
         }
-        let reply: Vec<i64> = match self
-            .admit
-            .evalsha_with_reload(redis, keys.clone(), args)
-            .await
-        {
+        for b in budgets {
+            keys.push(b.target.hash.clone());
+            keys.push(format!("{}:res", b.target.hash));
+            args.push(limit_arg(b.limits.budget_daily).to_string());
+            args.push(limit_arg(b.limits.budget_monthly).to_string());
+            args.push(limit_arg(b.limits.budget_total).to_string());
+        }
+        let reply: Vec<i64> = match self.admit.evalsha_with_reload(redis, keys, args).await {
             Ok(r) => r,
             Err(e) => {
                 crate::metrics::store_error("redis", "limits");
                 self.warning
                     .warn(|| tracing::warn!(error = %e, "rate limiter unavailable (redis)"));
                 // The script may have run before the reply was lost (a timeout): give back the
-                // lease it may have taken. Its request and token charges stay (over-counting
-                // errs on the safe side and expires with the window).
-                self.release_orphan_lease(redis, &scopes, &member);
-                return self.unavailable("redis error");
+                // lease and reservation it may have taken. Its request and token charges stay
+                // (over-counting errs on the safe side and expires with the window).
+                self.release_orphan(redis, rates, budgets, &member);
+                return Err(Reply::Error(!budgets.is_empty()));
             }
         };
         let reset_secs = 60 - (now_ms % 60_000) / 1000;
         match reply.as_slice() {
-            [0, used @ ..] => {
+            [0, cap, used @ ..] => {
+                let reservation = bound
+                    + if *cap >= 0 {
+                        *cap as u64
+                    } else {
+                        self.default_output.min(MAX_TOKENS)
+                    };
+                let clamp_output = (!budgets.is_empty() && reserve && *cap >= 0)
+                    .then_some(*cap as u64)
+                    .filter(|c| requested < 0 || (*c as i64) < requested);
                 let admission = Admission {
-                    token_keys: scopes
+                    token_keys: rates
                         .iter()
                         .map(|s| format!("{}:t:{minute}", s.prefix))
                         .collect(),
-                    lease_keys: scopes
+                    lease_keys: rates.iter().map(|s| format!("{}:c", s.prefix)).collect(),
+                    budget_keys: budgets
                         .iter()
-                        .filter(|s| s.limits.max_concurrent.is_some())
-                        .map(|s| format!("{}:c", s.prefix))
+                        .flat_map(|b| [b.target.hash.clone(), format!("{}:res", b.target.hash)])
                         .collect(),
                     member,
                     reserved: reservation,
-                    headers: headers(&scopes, used, reset_secs),
+                    day,
+                    month,
+                    event_id: demand.event_id.to_string(),
+                    clamp_output,
+                    headers: headers(rates, used, reset_secs),
                 };
-                if !admission.lease_keys.is_empty() {
-                    self.leases.hold(&admission.member, &admission.lease_keys);
+                let renewed = admission.renewed_sets(rates, reserve);
+                if !renewed.is_empty() {
+                    self.leases.hold(&admission.member, &renewed);
                 }
                 Ok(Some(admission))
             }
-            [1, scope, kind, current, previous] => {
-                let s = scopes
-                    .get(usize::try_from(*scope).unwrap_or(0))
-                    .unwrap_or(&scopes[0]);
+            [1, scope, kind, current, previous] => Err(Reply::Rate {
+                index: usize::try_from(*scope).unwrap_or(0),
+                kind: *kind,
+                current: *current,
+                previous: *previous,
+                frac,
+                reservation: bound,
+            }),
+            [2, scope] => Err(Reply::Reseed(usize::try_from(*scope).unwrap_or(0))),
+            [4, scope, _period] => Err(Reply::Busy(usize::try_from(*scope).unwrap_or(0))),
+            [3, scope, period, _used, limit] => Err(Reply::Budget {
+                index: usize::try_from(*scope).unwrap_or(0),
+                period: *period,
+                limit: *limit,
+            }),
+            _ => Err(Reply::Error(!budgets.is_empty())),
+        }
+    }
+
+    fn refusal(
+        &self,
+        reply: Reply,
+        rates: &[RateScope<'_>],
+        budgets: &[BudgetScope<'_>],
+    ) -> LimitError {
+        match reply {
+            Reply::Rate {
+                index,
+                kind,
+                current,
+                previous,
+                frac,
+                reservation,
+            } => {
+                let Some(s) = rates.get(index).or(rates.first()) else {
+                    return LimitError::Unavailable { budgets: false };
+                };
                 let (kind, limit, need) = match kind {
                     1 => (LimitKind::Requests, limit_arg(s.limits.rpm), 1),
                     2 => (
@@ -242,81 +479,209 @@ impl Limiter {
                 };
                 let retry_after = match kind {
                     LimitKind::Concurrency => Duration::from_secs(1),
-                    _ => window_retry_after(limit, *current, *previous, frac, need),
+                    _ => window_retry_after(limit, current, previous, frac, need),
                 };
-                Err(LimitError::Exceeded {
+                LimitError::Exceeded {
                     scope: s.scope,
                     kind,
                     limit,
                     retry_after,
-                })
+                }
             }
-            _ => self.unavailable("unexpected script reply"),
+            Reply::Budget {
+                index,
+                period,
+                limit,
+            } => {
+                let scope = budgets.get(index).map_or(Scope::Key, |b| b.scope);
+                let now = clock::now();
+                let (period, retry_after) = match period {
+                    1 => (
+                        BudgetPeriod::Daily,
+                        Some(clock::until_period_end(now, false)),
+                    ),
+                    2 => (
+                        BudgetPeriod::Monthly,
+                        Some(clock::until_period_end(now, true)),
+                    ),
+                    _ => (BudgetPeriod::Total, None),
+                };
+                LimitError::Budget {
+                    scope,
+                    period,
+                    limit,
+                    retry_after,
+                }
+            }
+            Reply::Reseed(_) | Reply::Seeded => LimitError::Reseeding,
+            Reply::Busy(index) => LimitError::BudgetBusy {
+                scope: budgets.get(index).map_or(Scope::Key, |b| b.scope),
+            },
+            Reply::Error(budgets) => match self.unavailable(budgets, "redis error") {
+                Ok(_) => LimitError::Unavailable { budgets },
+                Err(e) => e,
+            },
         }
     }
 
-    fn release_orphan_lease(&self, redis: &Client, scopes: &[ScopeArgs], member: &str) {
-        let sets: Vec<String> = scopes
+    fn release_orphan(
+        &self,
+        redis: &Client,
+        rates: &[RateScope<'_>],
+        budgets: &[BudgetScope<'_>],
+        member: &str,
+    ) {
+        let sets: Vec<String> = rates
             .iter()
             .filter(|s| s.limits.max_concurrent.is_some())
             .map(|s| format!("{}:c", s.prefix))
+            .chain(budgets.iter().map(|b| format!("{}:res", b.target.hash)))
             .collect();
         if sets.is_empty() {
             return;
         }
+        // A reservation whose set entry is gone lapses at the next admission on that scope.
         let (redis, member) = (redis.clone(), member.to_string());
         tokio::spawn(async move {
             for set in sets {
-                let _ = redis.zrem::<(), _, _>(set, member.as_str()).await;
+                let _ = redis
+                    .zadd::<(), _, _>(
+                        set,
+                        Some(fred::types::SetOptions::XX),
+                        None::<fred::types::sorted_sets::Ordering>,
+                        false,
+                        false,
+                        (0.0, member.as_str()),
+                    )
+                    .await;
             }
         });
     }
 
-    fn unavailable(&self, why: &'static str) -> Result<Option<Admission>, LimitError> {
-        if self.fail_open {
+    /// Budgets fail closed, always; rate limits unless `LIMITS_FAIL_OPEN`.
+    fn unavailable(
+        &self,
+        budgets: bool,
+        why: &'static str,
+    ) -> Result<Option<Admission>, LimitError> {
+        if self.fail_open && !budgets {
             self.warning
                 .warn(|| tracing::warn!(why, "rate limits not enforced (LIMITS_FAIL_OPEN=true)"));
             Ok(None)
         } else {
-            Err(LimitError::Unavailable)
+            Err(LimitError::Unavailable { budgets })
         }
     }
 
-    /// Corrects the token buckets to `actual` tokens and releases the concurrency lease.
-    pub async fn settle(&self, admission: &Admission, actual: u64) {
-        self.leases.release(&admission.member);
-        let Some(redis) = &self.redis else { return };
-        let delta = actual as i64 - admission.reserved as i64;
-        if delta == 0 && admission.lease_keys.is_empty() {
+    /// Corrects the token buckets and budgets to `actual` tokens and releases the concurrency
+    /// lease and budget reservation. A failed settlement is retried for a while; its lease and
+    /// reservation are renewed meanwhile, so nothing lapses into a wrong count.
+    pub async fn settle(&self, admission: Admission, actual: u64) {
+        let Some(redis) = self.redis.clone() else {
+            self.leases.release(&admission.member);
+            return;
+        };
+        let (keys, args) = admission.settle_call(actual.min(MAX_TOKENS));
+        if self.run_settle(&redis, &keys, &args).await {
+            self.leases.release(&admission.member);
             return;
         }
-        let mut keys = Vec::with_capacity(admission.token_keys.len() * 2);
-        for (i, t) in admission.token_keys.iter().enumerate() {
-            keys.push(t.clone());
-            // Scopes without a concurrency limit name a set that holds no lease: ZREM is a no-op.
-            keys.push(
-                admission
-                    .lease_keys
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| format!("{t}:none")),
-            );
-        }
-        let args = vec![delta.to_string(), admission.member.clone()];
-        if let Err(e) = self
+        let (settle, leases, member) = (self.settle.clone(), self.leases.clone(), admission.member);
+        tokio::spawn(async move {
+            for wait in [1, 2, 4, 8, 15] {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                if settle
+                    .evalsha_with_reload::<i64, _, _>(&redis, keys.clone(), args.clone())
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            // Given up: the reservation lapses by itself (an over-count until it does).
+            leases.release(&member);
+        });
+    }
+
+    async fn run_settle(&self, redis: &Client, keys: &[String], args: &[String]) -> bool {
+        match self
             .settle
-            .evalsha_with_reload::<i64, _, _>(redis, keys, args)
+            .evalsha_with_reload::<i64, _, _>(redis, keys.to_vec(), args.to_vec())
             .await
         {
-            // The lease lapses by itself; the token bucket keeps the reservation (over-counts).
-            crate::metrics::store_error("redis", "settle");
-            self.warning
-                .warn(|| tracing::warn!(error = %e, "rate limit settlement failed"));
+            Ok(_) => true,
+            Err(e) => {
+                crate::metrics::store_error("redis", "settle");
+                self.warning
+                    .warn(|| tracing::warn!(error = %e, "limit settlement failed; retrying"));
+                false
+            }
         }
     }
 
     pub fn redis(&self) -> Option<&Client> {
         self.redis.as_ref()
+    }
+}
+
+/// The script's answer, before it is turned into a [`LimitError`].
+enum Reply {
+    Rate {
+        index: usize,
+        kind: i64,
+        current: i64,
+        previous: i64,
+        frac: f64,
+        reservation: u64,
+    },
+    Budget {
+        index: usize,
+        period: i64,
+        limit: i64,
+    },
+    Reseed(usize),
+    /// The counters were just seeded: admit again.
+    Seeded,
+    Busy(usize),
+    /// Redis failed; `true` when budgets were involved (they always fail closed).
+    Error(bool),
+}
+
+impl Admission {
+    /// The sets whose entry for this admission the lease renewer keeps alive.
+    fn renewed_sets(&self, rates: &[RateScope<'_>], reserve: bool) -> Vec<String> {
+        let conc = rates
+            .iter()
+            .filter(|s| s.limits.max_concurrent.is_some())
+            .map(|s| format!("{}:c", s.prefix));
+        let reservations = self
+            .budget_keys
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .filter(|_| reserve)
+            .cloned();
+        conc.chain(reservations).collect()
+    }
+
+    fn settle_call(&self, actual: u64) -> (Vec<String>, Vec<String>) {
+        let mut keys = Vec::with_capacity(self.token_keys.len() * 2 + self.budget_keys.len());
+        for (t, c) in self.token_keys.iter().zip(&self.lease_keys) {
+            keys.push(t.clone());
+            keys.push(c.clone());
+        }
+        keys.extend(self.budget_keys.iter().cloned());
+        let delta = actual as i64 - self.reserved as i64;
+        let args = vec![
+            delta.to_string(),
+            self.member.clone(),
+            self.token_keys.len().to_string(),
+            actual.to_string(),
+            self.day.clone(),
+            self.month.clone(),
+            self.event_id.clone(),
+        ];
+        (keys, args)
     }
 }
 
@@ -327,7 +692,7 @@ fn now_ms() -> u64 {
 }
 
 /// The tightest remaining allowance across scopes, for the `x-ratelimit-*` headers.
-fn headers(scopes: &[ScopeArgs], used: &[i64], reset_secs: u64) -> RateHeaders {
+fn headers(scopes: &[RateScope<'_>], used: &[i64], reset_secs: u64) -> RateHeaders {
     let mut h = RateHeaders {
         reset_secs,
         ..RateHeaders::default()

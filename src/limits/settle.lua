@@ -1,15 +1,49 @@
--- Settles one admitted request: corrects the token bucket that was charged by the difference
--- between actual tokens and the reservation, and releases the concurrency lease.
--- KEYS: per scope: the token bucket charged, the concurrency lease set
--- ARGV: token delta (actual - reserved; may be negative), lease member
+-- Settles one admitted request with its actual token count.
+-- KEYS: 2 per rate scope (the token bucket charged, the concurrency lease set), then 2 per budget
+--       scope (usage hash, reservation set); see admit.lua.
+-- ARGV: 1 token delta for the rate buckets (actual - reserved; may be negative), 2 lease member,
+--       3 number of rate scopes, 4 actual tokens, 5 day stamp and 6 month stamp of the admission,
+--       7 event id (names usage settled while counters are being re-seeded)
 local delta = tonumber(ARGV[1])
-for i = 1, #KEYS, 2 do
+local member = ARGV[2]
+local rates = tonumber(ARGV[3])
+local actual = tonumber(ARGV[4])
+local day, month = ARGV[5], ARGV[6]
+
+for i = 1, rates * 2, 2 do
   if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
     local v = redis.call('INCRBY', KEYS[i], delta)
     if v < 0 then
       redis.call('SET', KEYS[i], 0, 'KEEPTTL')
     end
   end
-  redis.call('ZREM', KEYS[i + 1], ARGV[2])
+  redis.call('ZREM', KEYS[i + 1], member)
+end
+
+for i = rates * 2 + 1, #KEYS, 2 do
+  local h, z = KEYS[i], KEYS[i + 1]
+  redis.call('ZREM', z, member)
+  -- Counters lost (Redis restarted): the usage reaches Postgres, which the re-seed reads.
+  if redis.call('EXISTS', h) == 1 then
+    if redis.call('HEXISTS', h, 'seeding') == 1 then
+      -- The re-seed adds it unless Postgres already had it when it was read.
+      redis.call('HSET', h, 'late:' .. ARGV[7], actual .. ':' .. day .. ':' .. month)
+    else
+      local amount = redis.call('HGET', h, 'r:' .. member)
+      if amount then
+        redis.call('HINCRBY', h, 'rsum', -tonumber(amount))
+        redis.call('HDEL', h, 'r:' .. member)
+      end
+      if actual > 0 then
+        if redis.call('HGET', h, 'ds') == day then
+          redis.call('HINCRBY', h, 'd', actual)
+        end
+        if redis.call('HGET', h, 'ms') == month then
+          redis.call('HINCRBY', h, 'm', actual)
+        end
+        redis.call('HINCRBY', h, 't', actual)
+      end
+    end
+  end
 end
 return 1

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod resp;
 pub mod tcp_fault;
 
 use std::io::{BufRead, BufReader, Read};
@@ -181,8 +182,11 @@ pub struct Redis {
 impl Redis {
     /// A private redis-server for a test that stops it.
     pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Redis {
         let bin = std::env::var("NZ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let port = free_port();
         let child = Command::new(&bin)
             .args([
                 "--port",
@@ -211,6 +215,12 @@ impl Redis {
 
     pub fn stop(&mut self) {
         self.proc = None;
+    }
+
+    /// Starts an empty Redis again on the same port (it kept nothing: no persistence).
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Self::start_on(self.port);
     }
 }
 

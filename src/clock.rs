@@ -1,0 +1,120 @@
+//! The wall clock that decides budget periods (SPEC §6: UTC days and months).
+//!
+//! Tests must see a budget period roll over without waiting for midnight, so the clock can be
+//! shifted by a number of seconds read from `CLOCK_OFFSET_FILE` (a testing aid; unset in
+//! production, where the offset stays 0). Only budget periods use this clock; latencies, rate
+//! windows and leases use the real one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+static OFFSET_SECS: AtomicI64 = AtomicI64::new(0);
+
+/// Now, as budget periods see it.
+pub fn now() -> DateTime<Utc> {
+    Utc::now() + TimeDelta::seconds(OFFSET_SECS.load(Ordering::Relaxed))
+}
+
+/// Reads the offset file once (the CLI) or whenever it changes (the server, via [`OffsetFile`]).
+pub fn load_offset(path: &Path) {
+    let secs = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    OFFSET_SECS.store(secs, Ordering::Relaxed);
+}
+
+/// The UTC calendar periods a moment belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Periods {
+    pub day: NaiveDate,
+}
+
+impl Periods {
+    pub fn at(t: DateTime<Utc>) -> Self {
+        Self {
+            day: t.date_naive(),
+        }
+    }
+
+    pub fn month_start(&self) -> NaiveDate {
+        self.day.with_day(1).unwrap_or(self.day)
+    }
+
+    /// `YYYYMMDD`: ordered as numbers, so a counter is only ever rolled forward.
+    pub fn day_stamp(&self) -> String {
+        self.day.format("%Y%m%d").to_string()
+    }
+
+    /// `YYYYMM`.
+    pub fn month_stamp(&self) -> String {
+        self.day.format("%Y%m").to_string()
+    }
+}
+
+/// Time from `now` until the next UTC midnight (daily) or first of the month (monthly).
+pub fn until_period_end(now: DateTime<Utc>, monthly: bool) -> Duration {
+    let day = now.date_naive();
+    let next = if monthly {
+        let (y, m) = if day.month() == 12 {
+            (day.year() + 1, 1)
+        } else {
+            (day.year(), day.month() + 1)
+        };
+        NaiveDate::from_ymd_opt(y, m, 1)
+    } else {
+        day.succ_opt()
+    };
+    next.and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc() - now)
+        .and_then(|d| d.to_std().ok())
+        .unwrap_or(Duration::from_secs(1))
+}
+
+/// Follows `CLOCK_OFFSET_FILE` while the server runs.
+pub struct OffsetFile(pub PathBuf);
+
+#[async_trait]
+impl BackgroundService for OffsetFile {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => load_offset(&self.0),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn periods_and_their_ends_are_utc() {
+        let t = at("2026-12-31T23:59:30Z");
+        let p = Periods::at(t);
+        assert_eq!(p.day_stamp(), "20261231");
+        assert_eq!(p.month_stamp(), "202612");
+        assert_eq!(p.month_start().to_string(), "2026-12-01");
+        assert_eq!(until_period_end(t, false), Duration::from_secs(30));
+        assert_eq!(until_period_end(t, true), Duration::from_secs(30));
+        let mid = at("2026-11-22T12:00:00+02:00");
+        assert_eq!(Periods::at(mid).day_stamp(), "20261122");
+        assert_eq!(
+            until_period_end(mid, true),
+            Duration::from_secs(8 * 86_400 + 14 * 3600)
+        );
+    }
+}
