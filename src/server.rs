@@ -103,6 +103,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             min_output: settings.budgets.min_output_tokens,
             default_output: settings.tpm_default_output_tokens,
             ns: settings.redis_key_prefix.clone(),
+            retry_busy: true,
         },
     );
     let clock_file = settings.clock_offset_file.clone();

@@ -207,16 +207,22 @@ fn tpm_reservations_are_settled_to_actual_usage() {
     let g = gateway(&e, &[("TPM_DEFAULT_OUTPUT_TOKENS", "50")]);
     g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
     let (key, prefix) = g.create_key("acme", "k", &[]);
-    g.cli(&["set-limits", "--prefix", &prefix, "--tpm", "100"]);
-    // Each request reserves ⌈body/4⌉ + 50 ≈ 75 tokens and uses 3 + 8 = 11. Without settlement
-    // the second would already be refused.
-    for i in 0..3 {
-        // Settlement runs in the logging phase, just after the client has its answer.
+    g.cli(&["set-limits", "--prefix", &prefix, "--tpm", "400"]);
+    // Each request reserves its prompt bound (88 body bytes + the 128-token template allowance)
+    // + 50 = 266 tokens and uses 3 + 8 = 11. Without settlement the second would already be
+    // refused.
+    for i in 0..4 {
+        // Settlement runs just after the client has its answer.
         std::thread::sleep(Duration::from_millis(300));
         let r = chat(&g.addr, &key, &[]);
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
-        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100"));
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("400"));
     }
+    // A long answer (nothing caps it) is charged what it used: 3 + 300.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = chat(&g.addr, &key, &[("x-sim-chunks", "300")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(300));
     let r = chat(&g.addr, &key, &[]);
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(

@@ -163,6 +163,7 @@ pub struct Limiter {
     mode: BudgetMode,
     min_output: u64,
     default_output: u64,
+    retry_busy: bool,
     warning: LogEvery,
     /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
     ns: String,
@@ -177,6 +178,8 @@ pub struct LimiterConfig {
     /// Output reserved against TPM when nothing caps a request's output.
     pub default_output: u64,
     pub ns: String,
+    /// Retry a few times, briefly, when only reservations in flight fill a budget.
+    pub retry_busy: bool,
 }
 
 struct RateScope<'a> {
@@ -228,6 +231,7 @@ impl Limiter {
             mode: config.mode,
             min_output: config.min_output,
             default_output: config.default_output,
+            retry_busy: config.retry_busy,
             warning: LogEvery::new(Duration::from_secs(30)),
             ns: config.ns,
         }
@@ -281,7 +285,7 @@ impl Limiter {
         };
         // Each missing budget scope may need a seed; requests in flight may briefly hold a
         // budget's room (their settlement is under way): a few quick retries, then an answer.
-        let mut busy_waits = BUSY_RETRIES.iter();
+        let mut busy_waits = BUSY_RETRIES.iter().filter(|_| self.retry_busy);
         for _ in 0..=budgets.len() + BUSY_RETRIES.len() {
             let reply = match self
                 .try_admit(redis, &rates, &budgets, demand, request_id)
@@ -299,6 +303,7 @@ impl Limiter {
             };
             match reply {
                 Err(Reply::Seeded) => continue,
+                Err(Reply::Error(budgets)) => return self.unavailable(budgets, "redis error"),
                 other => return other.map_err(|r| self.refusal(r, &rates, &budgets)),
             }
         }

@@ -1,0 +1,221 @@
+//! Property test of the budget scripts against a real Redis: random interleavings of
+//! reservations and settlements, by two gateway instances (two limiters), for two keys sharing
+//! a tenant. Whatever the order, the sum of actual usage never exceeds a key's or the tenant's
+//! budget, and once everything has settled the counters equal the usage and no reservation is
+//! left behind.
+//!
+//! Each case is replayable from its seed (printed on failure).
+
+mod common;
+
+use std::sync::Arc;
+
+use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface};
+use neuronetz_gateway::clock::Periods;
+use neuronetz_gateway::limits::leases::LeaseBook;
+use neuronetz_gateway::limits::{Admission, Demand, LimitError, Limiter, LimiterConfig};
+use neuronetz_gateway::principal::{Principal, PrincipalIds, SubjectSettings};
+use neuronetz_gateway::settings::BudgetMode;
+
+const CASES: u64 = 40;
+const STEPS: usize = 120;
+
+/// xorshift64*: small, deterministic, good enough to pick operations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+fn principal(key_id: i64, key_daily: i64, tenant_daily: i64) -> Principal {
+    let tenant = SubjectSettings {
+        budget_daily: Some(tenant_daily),
+        budget_total: Some(tenant_daily * 3),
+        ..Default::default()
+    };
+    let key = SubjectSettings {
+        budget_daily: Some(key_daily),
+        ..Default::default()
+    };
+    Principal::flatten(
+        PrincipalIds {
+            tenant_id: 1,
+            tenant_name: "t".into(),
+            key_id,
+            key_prefix: format!("nz_{key_id:09}"),
+            key_name: "k".into(),
+        },
+        None,
+        &tenant,
+        &key,
+    )
+}
+
+async fn redis() -> Client {
+    let url = common::require_env("NZ_TEST_REDIS_URL");
+    let client = Builder::from_config(Config::from_url(&url).expect("redis url"))
+        .build()
+        .expect("redis client");
+    client.init().await.expect("connect to the test redis");
+    client
+}
+
+/// Counters as a seed would leave them: known, zero.
+async fn fresh_counters(redis: &Client, hash: &str, periods: &Periods) {
+    let fields: Vec<(String, String)> = vec![
+        ("ds".into(), periods.day_stamp()),
+        ("d".into(), "0".into()),
+        ("ms".into(), periods.month_stamp()),
+        ("m".into(), "0".into()),
+        ("t".into(), "0".into()),
+        ("rsum".into(), "0".into()),
+    ];
+    let _: () = redis.hset(hash, fields).await.expect("hset");
+}
+
+struct Open {
+    key: usize,
+    limiter: usize,
+    admission: Admission,
+    bound: u64,
+    cap: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
+    let redis = redis().await;
+    let periods = Periods::at(chrono::Utc::now());
+    for seed in 1..=CASES {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let ns = format!("prop-{}", uuid::Uuid::new_v4().simple());
+        let limiters: Vec<Limiter> = (0..2)
+            .map(|_| {
+                Limiter::new(
+                    Some(redis.clone()),
+                    Arc::new(LeaseBook::default()),
+                    None,
+                    LimiterConfig {
+                        fail_open: false,
+                        mode: BudgetMode::Reserve,
+                        min_output: rng.range(1, 4),
+                        default_output: 64,
+                        ns: ns.clone(),
+                        retry_busy: false,
+                    },
+                )
+            })
+            .collect();
+        let tenant_budget = rng.range(150, 1200) as i64;
+        let key_budgets = [rng.range(100, 900) as i64, rng.range(100, 900) as i64];
+        let keys = [
+            principal(11, key_budgets[0], tenant_budget),
+            principal(12, key_budgets[1], tenant_budget),
+        ];
+        for hash in ["k:11", "k:12", "t:1"] {
+            fresh_counters(&redis, &format!("{ns}:bu:{hash}"), &periods).await;
+        }
+        let mut open: Vec<Open> = Vec::new();
+        let mut used = [0i64; 2];
+        let (mut admitted, mut refused) = (0, 0);
+        for step in 0..STEPS {
+            let admit = open.is_empty() || (rng.below(100) < 55 && open.len() < 12);
+            if admit {
+                let key = rng.below(2) as usize;
+                let limiter = rng.below(2) as usize;
+                let bound = rng.range(1, 60);
+                let requested = (rng.below(10) >= 3).then(|| rng.range(1, 120));
+                let demand = Demand {
+                    prompt_bound: bound,
+                    output_cap: requested,
+                    periods,
+                    event_id: uuid::Uuid::new_v4(),
+                };
+                match limiters[limiter]
+                    .admit(&keys[key], &demand, &format!("r{step}"))
+                    .await
+                {
+                    Ok(Some(admission)) => {
+                        let cap = admission
+                            .clamp_output
+                            .or(requested)
+                            .expect("a budgeted request always has a cap");
+                        admitted += 1;
+                        open.push(Open {
+                            key,
+                            limiter,
+                            admission,
+                            bound,
+                            cap,
+                        });
+                    }
+                    Err(LimitError::Budget { .. } | LimitError::BudgetBusy { .. }) => refused += 1,
+                    other => panic!("seed {seed} step {step}: unexpected {other:?}"),
+                }
+            } else {
+                let o = open.swap_remove(rng.below(open.len() as u64) as usize);
+                // What Ollama may use: at most the prompt bound and the cap it was given.
+                let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
+                limiters[o.limiter].settle(o.admission, actual).await;
+                used[o.key] += actual as i64;
+            }
+            for k in 0..2 {
+                assert!(
+                    used[k] <= key_budgets[k],
+                    "seed {seed} step {step}: key {k} used {} of {}",
+                    used[k],
+                    key_budgets[k]
+                );
+            }
+            assert!(
+                used[0] + used[1] <= tenant_budget,
+                "seed {seed} step {step}: tenant used {} of {tenant_budget}",
+                used[0] + used[1]
+            );
+        }
+        for o in open.drain(..) {
+            let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
+            limiters[o.limiter].settle(o.admission, actual).await;
+            used[o.key] += actual as i64;
+        }
+        assert!(used[0] <= key_budgets[0] && used[1] <= key_budgets[1]);
+        assert!(used[0] + used[1] <= tenant_budget);
+        assert!(
+            admitted > 0 && refused > 0,
+            "seed {seed}: both outcomes exercised ({admitted}/{refused})"
+        );
+        for (hash, expect) in [
+            ("k:11", used[0]),
+            ("k:12", used[1]),
+            ("t:1", used[0] + used[1]),
+        ] {
+            let h = format!("{ns}:bu:{hash}");
+            let fields: std::collections::HashMap<String, String> =
+                redis.hgetall(&h).await.expect("hgetall");
+            let get = |f: &str| fields.get(f).and_then(|v| v.parse::<i64>().ok());
+            assert_eq!(get("d"), Some(expect), "seed {seed}: {h} {fields:?}");
+            assert_eq!(get("t"), Some(expect), "seed {seed}: {h} {fields:?}");
+            assert_eq!(
+                get("rsum"),
+                Some(0),
+                "seed {seed}: reservations left in {h}"
+            );
+            assert!(
+                !fields.keys().any(|f| f.starts_with("r:")),
+                "seed {seed}: reservation entries left in {h}: {fields:?}"
+            );
+        }
+    }
+}
