@@ -53,9 +53,15 @@ fn the_openai_sdk_sees_rate_limits_as_it_expects() {
         "--max-concurrent",
         "1",
     ]);
+    let (budget_key, budget_prefix) = s.gw.create_key("acme", "budget", &[]);
+    s.gw.cli(&["set-budget", "--prefix", &budget_prefix, "--daily", "400"]);
     run_pytest(
         &s,
         "tests/python/test_sdk_limits.py",
-        &[("NZ_RPM_KEY", rpm_key), ("NZ_CONCURRENT_KEY", conc_key)],
+        &[
+            ("NZ_RPM_KEY", rpm_key),
+            ("NZ_CONCURRENT_KEY", conc_key),
+            ("NZ_BUDGET_KEY", budget_key),
+        ],
     );
 }

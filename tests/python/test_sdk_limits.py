@@ -4,6 +4,7 @@ Launched by tests/sdk_interop.rs with:
   NZ_GATEWAY_URL     the gateway
   NZ_RPM_KEY         a key limited to 1 request per minute
   NZ_CONCURRENT_KEY  a key limited to 1 concurrent request
+  NZ_BUDGET_KEY      a key with a daily budget of 400 tokens
   NZ_MODEL           an allowed model
 A missing variable is an error, never a skip.
 """
@@ -19,7 +20,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-_missing = [n for n in ("NZ_GATEWAY_URL", "NZ_RPM_KEY", "NZ_CONCURRENT_KEY", "NZ_MODEL") if not os.environ.get(n)]
+_missing = [n for n in ("NZ_GATEWAY_URL", "NZ_RPM_KEY", "NZ_CONCURRENT_KEY", "NZ_BUDGET_KEY", "NZ_MODEL") if not os.environ.get(n)]
 if _missing:
     raise RuntimeError("test_sdk_limits.py needs: " + ", ".join(_missing))
 
@@ -70,3 +71,22 @@ def test_sdk_honours_retry_after_on_a_concurrency_refusal():
     assert reply.choices[0].message.content
     assert time.monotonic() - started >= 0.9
     holder.join()
+
+
+def test_spent_budget_is_insufficient_quota_and_not_retried():
+    c = client(os.environ["NZ_BUDGET_KEY"], 5)
+    # Nothing caps this answer: the gateway caps it at what the budget has left.
+    reply = c.chat.completions.create(model=MODEL, messages=MESSAGES, extra_headers={"x-sim-chunks": "300"})
+    assert reply.choices[0].finish_reason == "length"
+    assert 0 < reply.usage.completion_tokens < 300
+    time.sleep(0.3)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model=MODEL, messages=MESSAGES)
+    # `x-should-retry: false`: five retries allowed, none made.
+    assert time.monotonic() - started < 0.5
+    e = err.value
+    assert e.code == "budget_exceeded"
+    assert e.type == "insufficient_quota"
+    assert e.response.headers["x-should-retry"] == "false"
+    assert int(e.response.headers["retry-after"]) >= 1
