@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Redis commands per request: 200 non-streamed /api/chat requests from one key with RPM, TPM
-# and concurrency limits at key and tenant level, then INFO commandstats (after CONFIG
-# RESETSTAT). Usage: bench/measure/redis-commands.sh   (builds must exist: cargo build --workspace --bins)
+# Redis commands per request: 200 non-streamed /api/chat requests from one key with RPM, TPM,
+# concurrency limits and daily/monthly/total budgets at key and tenant level, then INFO
+# commandstats (after CONFIG RESETSTAT). Usage: bench/measure/redis-commands.sh   (builds must exist: cargo build --workspace --bins)
 set -euo pipefail
-cd /work/main
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib.sh
 nz_ensure_packages >/dev/null 2>&1
 T=$(mktemp -d /tmp/nzm.XXXX); chmod 755 $T
@@ -26,6 +26,8 @@ KEY=$($GW create-key --tenant acme --name k --json | python3 -c 'import sys,json
 P=$(echo $KEY | cut -c1-12)
 $GW set-limits --prefix $P --rpm 100000 --tpm 100000000 --max-concurrent 1000 >/dev/null
 $GW set-limits --tenant acme --rpm 100000 --tpm 100000000 --max-concurrent 1000 >/dev/null
+$GW set-budget --prefix $P --daily 100000000 --monthly 1000000000 --total 10000000000 >/dev/null
+$GW set-budget --tenant acme --daily 100000000 --monthly 1000000000 --total 10000000000 >/dev/null
 sleep 1
 curl -s -o /dev/null http://127.0.0.1:18080/api/chat -H "Authorization: Bearer $KEY" -d '{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}]}'
 sleep 0.5
