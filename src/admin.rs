@@ -448,6 +448,34 @@ impl Admin<'_> {
         Ok(())
     }
 
+    /// `Some(true)`/`Some(false)` turns prompt logging on/off, `None` back to inherit (key) or
+    /// off (tenant); `ttl_s` sets how long rows are kept (kept as it was when `None`).
+    pub async fn set_prompt_logging(
+        &self,
+        subject: &Subject,
+        enabled: Option<bool>,
+        ttl_s: Option<i64>,
+    ) -> Result<(), AdminError> {
+        let cols = "prompt_logging, prompt_log_ttl_s";
+        let mut tx = self.pool.begin().await?;
+        let (limits_id, target) = limits_row(&mut tx, subject).await?;
+        let before = snapshot(&mut tx, limits_id, cols).await?;
+        sqlx::query(
+            "UPDATE limits SET prompt_logging = $2, \
+             prompt_log_ttl_s = COALESCE($3, prompt_log_ttl_s), updated_at = now() WHERE id = $1",
+        )
+        .bind(limits_id)
+        .bind(enabled)
+        .bind(ttl_s)
+        .execute(&mut *tx)
+        .await?;
+        let after = snapshot(&mut tx, limits_id, cols).await?;
+        self.audit(&mut tx, "set-prompt-logging", &target, before, after)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Applies the parts of a policy change that are given; the rest stays.
     pub async fn set_policy(
         &self,

@@ -142,6 +142,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Store the prompts and answers of a tenant's or key's requests (opt-in), with an expiry.
+    SetPromptLogging {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        #[command(flatten)]
+        switch: PromptLoggingArgs,
+        /// How long rows are kept (e.g. 7d, 12h); default 7d.
+        #[arg(long, value_parser = parse_duration, requires = "on")]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show token usage per tenant and key for the current UTC day, month and in total.
     ShowUsage {
         #[arg(long, conflicts_with = "prefix")]
@@ -197,6 +209,18 @@ impl SubjectArgs {
             (None, None) => Subject::Tenant(String::new()),
         }
     }
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct PromptLoggingArgs {
+    #[arg(long)]
+    on: bool,
+    #[arg(long)]
+    off: bool,
+    /// Back to inherit (key) / off (tenant).
+    #[arg(long)]
+    clear: bool,
 }
 
 #[derive(Args)]
@@ -402,6 +426,37 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
                 json,
                 &serde_json::json!({"updated": subject_label(&subject)}),
                 || format!("updated budgets of {}", subject_label(&subject)),
+            );
+        }
+        Command::SetPromptLogging {
+            subject,
+            switch,
+            ttl,
+            json,
+        } => {
+            let enabled = if switch.on {
+                Some(true)
+            } else if switch.off {
+                Some(false)
+            } else {
+                None
+            };
+            let ttl_s = ttl
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .map(|s| {
+                    if s > 0 {
+                        Ok(s)
+                    } else {
+                        Err(anyhow::anyhow!("--ttl must be at least 1s"))
+                    }
+                })
+                .transpose()?;
+            let subject = subject.subject();
+            admin.set_prompt_logging(&subject, enabled, ttl_s).await?;
+            emit(
+                json,
+                &serde_json::json!({"updated": subject_label(&subject)}),
+                || format!("updated prompt logging of {}", subject_label(&subject)),
             );
         }
         Command::ShowUsage {

@@ -31,6 +31,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::accounting::usage_strip::UsageStripper;
 use crate::accounting::{self, Outcome, UsageScanner};
+use crate::audit::transcript::{self, PromptRecord};
 use crate::audit::{self, AuditEvent, AuditSink};
 use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
 use crate::body;
@@ -99,6 +100,8 @@ pub struct RequestCtx {
     /// The UTC day the request was charged to, once it was admitted upstream.
     pub usage_day: Option<chrono::NaiveDate>,
     pub admission: Option<Admission>,
+    /// Opted-in keys: the request and a bounded copy of the response, for `prompt_log`.
+    pub prompt: Option<PromptCapture>,
     limits_checked: bool,
     pub outcome: Option<Outcome>,
     pub upstream_slot: Option<UpstreamSlot>,
@@ -112,6 +115,44 @@ pub struct RequestCtx {
     pub error: Option<GatewayError>,
     pub cors: ExtraHeaders,
 }
+
+/// What prompt logging keeps of one request while it runs.
+pub struct PromptCapture {
+    request: Bytes,
+    response: Vec<u8>,
+    /// Set once a text response starts; routes without text (embeddings) keep none.
+    format: Option<accounting::Format>,
+    truncated: bool,
+}
+
+impl PromptCapture {
+    fn push(&mut self, chunk: &[u8]) {
+        if self.format.is_none() || self.truncated {
+            return;
+        }
+        let room = transcript::MAX_RESPONSE_BYTES.saturating_sub(self.response.len());
+        if chunk.len() > room {
+            self.truncated = true;
+        }
+        self.response
+            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    fn record(self, ttl_s: i64) -> PromptRecord {
+        PromptRecord {
+            request: String::from_utf8_lossy(&self.request).into_owned(),
+            response: self
+                .format
+                .map(|_| String::from_utf8_lossy(&self.response).into_owned()),
+            format: self.format.map(|f| transcript::format_name(f).to_string()),
+            truncated: self.truncated,
+            expires_at: clock::now() + chrono::TimeDelta::seconds(ttl_s),
+        }
+    }
+}
+
+/// Prompt-log rows live this long unless `set-prompt-logging --ttl` says otherwise.
+const DEFAULT_PROMPT_LOG_TTL_S: i64 = 7 * 86_400;
 
 enum Arrival {
     Route(Route),
@@ -273,6 +314,14 @@ impl Gateway {
         }
         let model = name.as_str().to_string();
         ctx.request_body_len = bytes.len();
+        if principal.prompt_logging && route.kind != RouteKind::ApiShow {
+            ctx.prompt = Some(PromptCapture {
+                request: bytes.clone(),
+                response: Vec::new(),
+                format: None,
+                truncated: false,
+            });
+        }
         let clamped = policy::clamp(route.kind, &bytes, principal)?;
         let mut edits = clamped.edits;
         // OpenAI streams carry usage only when asked: ask upstream, hide it from the client.
@@ -435,6 +484,7 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
         latency_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
         user_agent: header(http::header::USER_AGENT),
         usage_day: ctx.usage_day,
+        prompt: None,
     }
 }
 
@@ -579,6 +629,7 @@ impl ProxyHttp for Gateway {
             event_id: uuid::Uuid::new_v4(),
             usage_day: None,
             admission: None,
+            prompt: None,
             limits_checked: false,
             outcome: None,
             upstream_slot: None,
@@ -746,6 +797,11 @@ impl ProxyHttp for Gateway {
                 .get(http::header::CONTENT_TYPE)
                 .map_or(&b""[..], |v| v.as_bytes());
             ctx.scanner = accounting::scanner_for(route.kind, content_type);
+            if let (Some(capture), Some(scanner)) = (ctx.prompt.as_mut(), ctx.scanner.as_ref())
+                && route.kind.generates_text()
+            {
+                capture.format = Some(scanner.format());
+            }
             if ctx.strip_usage && content_type.starts_with(b"text/event-stream") {
                 // The body changes length: it goes out chunked.
                 upstream_response.remove_header(&http::header::CONTENT_LENGTH);
@@ -810,6 +866,9 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<Option<Duration>> {
         if end_of_stream {
             ctx.upstream_done_at = Some(Instant::now());
+        }
+        if let (Some(capture), Some(chunk)) = (ctx.prompt.as_mut(), body.as_ref()) {
+            capture.push(chunk);
         }
         if let Some(scanner) = ctx.scanner.as_mut() {
             if let Some(chunk) = body.as_ref() {
@@ -919,10 +978,17 @@ impl ProxyHttp for Gateway {
         // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
         // balancers; they are counted in metrics, not audited.
         if !ctx.route.as_ref().is_some_and(Route::is_gateway_endpoint) {
-            self.state
-                .audit
-                .send(audit_event(session, ctx, status))
-                .await;
+            let mut event = audit_event(session, ctx, status);
+            // Only what went upstream has a transcript worth keeping.
+            if ctx.usage_day.is_some()
+                && let Some(capture) = ctx.prompt.take()
+            {
+                let ttl = principal
+                    .and_then(|p| p.prompt_log_ttl_s)
+                    .unwrap_or(DEFAULT_PROMPT_LOG_TTL_S);
+                event.prompt = Some(Box::new(capture.record(ttl)));
+            }
+            self.state.audit.send(event).await;
         }
         let upstream = ctx.upstream_sent_at.map(|sent| {
             ctx.upstream_done_at

@@ -32,6 +32,20 @@ pub enum RouteKind {
     V1Model,
 }
 
+impl RouteKind {
+    /// Routes whose answer is generated text (chat, generate, completions, responses).
+    pub fn generates_text(self) -> bool {
+        matches!(
+            self,
+            RouteKind::ApiChat
+                | RouteKind::ApiGenerate
+                | RouteKind::V1ChatCompletions
+                | RouteKind::V1Completions
+                | RouteKind::V1Responses
+        )
+    }
+}
+
 /// How a route's model is named in its JSON body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelField {

@@ -82,6 +82,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         audit_rx,
         pipeline.clone(),
         settings.audit_retention_days,
+        settings.prompt_log_purge_interval,
         inflight.clone(),
     );
     let leases = Arc::new(LeaseBook::default());

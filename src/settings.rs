@@ -44,6 +44,7 @@ const KNOWN: &[&str] = &[
     "BUDGET_MIN_OUTPUT_TOKENS",
     "BUDGET_SEED_GRACE_MS",
     "CLOCK_OFFSET_FILE",
+    "PROMPT_LOG_PURGE_INTERVAL",
     "NEGATIVE_CACHE_TTL_S",
     "LIMITS_FAIL_OPEN",
     "TPM_DEFAULT_OUTPUT_TOKENS",
@@ -164,6 +165,8 @@ pub struct Settings {
     pub audit_queue_capacity: usize,
     /// Audit rows are kept this long, in monthly partitions dropped whole.
     pub audit_retention_days: u32,
+    /// How often expired prompt-log rows are deleted.
+    pub prompt_log_purge_interval: Duration,
     pub log_format: LogFormat,
 }
 
@@ -267,6 +270,9 @@ impl Settings {
             ),
             audit_queue_capacity: r.number("AUDIT_QUEUE_CAPACITY", 65_536, 64, 10_000_000)?,
             audit_retention_days: r.number("AUDIT_RETENTION_DAYS", 90, 1, 36_500)?,
+            prompt_log_purge_interval: r
+                .duration("PROMPT_LOG_PURGE_INTERVAL", Duration::from_secs(60))?
+                .max(Duration::from_millis(50)),
             log_format: match r.get("LOG_FORMAT").unwrap_or("text") {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,

@@ -153,6 +153,10 @@ impl UsageScanner {
         }
     }
 
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
     /// Observes one chunk of the response body (no copy, no allocation).
     pub fn observe(&mut self, chunk: &[u8]) {
         match self.format {

@@ -4,6 +4,7 @@
 //! (a local spool takes them while Postgres is away). Every event carries its own id, so a
 //! replayed batch cannot double a row.
 
+pub mod transcript;
 pub mod writer;
 
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ pub struct AuditEvent {
     /// upstream, so its usage reaches `budget_usage`. Absent in spools of older versions.
     #[serde(default)]
     pub usage_day: Option<NaiveDate>,
+    /// Opted-in keys only: what was asked and answered (`prompt_log`, with an expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Box<transcript::PromptRecord>>,
 }
 
 /// How much the sidecar still holds: events queued or being written, and spool files waiting

@@ -38,6 +38,8 @@ pub struct AuditWriter {
     pipeline: Arc<Pipeline>,
     inflight: Arc<AtomicUsize>,
     retention_days: u32,
+    /// How often expired `prompt_log` rows are deleted.
+    purge_every: Duration,
     rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     spool_dir: PathBuf,
     errors: LogEvery,
@@ -49,6 +51,7 @@ impl AuditWriter {
         rx: mpsc::Receiver<AuditEvent>,
         pipeline: Arc<Pipeline>,
         retention_days: u32,
+        purge_every: Duration,
         inflight: Arc<AtomicUsize>,
     ) -> Self {
         let spool_dir = pipeline.spool_dir().to_path_buf();
@@ -57,6 +60,7 @@ impl AuditWriter {
             pipeline,
             inflight,
             retention_days,
+            purge_every,
             rx: Mutex::new(Some(rx)),
             spool_dir,
             errors: LogEvery::new(Duration::from_secs(30)),
@@ -76,6 +80,9 @@ impl AuditWriter {
             audit_rows(chunk).build().execute(&mut *tx).await?;
             if let Some(mut usage) = usage_rows(chunk) {
                 usage.build().execute(&mut *tx).await?;
+            }
+            if let Some(mut prompts) = prompt_rows(chunk) {
+                prompts.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
         }
@@ -153,6 +160,19 @@ impl AuditWriter {
         Ok(())
     }
 
+    /// Prompt-log rows past their expiry go (by the budget clock, so tests can move it).
+    async fn purge_prompts(&self) -> Result<(), sqlx::Error> {
+        let gone = sqlx::query("DELETE FROM prompt_log WHERE expires_at <= $1")
+            .bind(crate::clock::now())
+            .execute(self.store.pool().await)
+            .await?
+            .rows_affected();
+        if gone > 0 {
+            tracing::info!(rows = gone, "expired prompt log rows deleted");
+        }
+        Ok(())
+    }
+
     fn update_spool_gauge(&self) {
         let bytes: u64 = spool_files(&self.spool_dir)
             .iter()
@@ -221,6 +241,7 @@ impl BackgroundService for AuditWriter {
         let mut batch = Vec::with_capacity(BATCH);
         let mut replay_tick = tokio::time::interval(REPLAY_EVERY);
         let mut partition_tick = tokio::time::interval(PARTITIONS_EVERY);
+        let mut purge_tick = tokio::time::interval(self.purge_every);
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, BATCH) => {
@@ -241,6 +262,11 @@ impl BackgroundService for AuditWriter {
                 _ = partition_tick.tick() => {
                     if let Err(e) = self.maintain_partitions().await {
                         self.errors.warn(|| tracing::warn!(error = %e, "audit partition maintenance failed"));
+                    }
+                }
+                _ = purge_tick.tick() => {
+                    if let Err(e) = self.purge_prompts().await {
+                        self.errors.warn(|| tracing::warn!(error = %e, "expired prompt log rows not deleted yet"));
                     }
                 }
                 _ = replay_tick.tick() => {
@@ -384,6 +410,33 @@ fn usage_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
     Some(qb)
 }
 
+/// Prompt-log rows of the opted-in requests in a chunk; `None` when there are none.
+fn prompt_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
+    let logged: Vec<(&AuditEvent, &super::transcript::PromptRecord, i64, i64)> = chunk
+        .iter()
+        .filter_map(|e| Some((e, e.prompt.as_deref()?, e.tenant_id?, e.key_id?)))
+        .collect();
+    if logged.is_empty() {
+        return None;
+    }
+    let mut qb = QueryBuilder::new(
+        "INSERT INTO prompt_log (event_id, ts, request_id, tenant_id, key_id, model, request, response, expires_at) ",
+    );
+    qb.push_values(logged, |mut b, (e, p, tenant, key)| {
+        b.push_bind(e.event_id)
+            .push_bind(e.ts)
+            .push_bind(e.request_id.clone())
+            .push_bind(tenant)
+            .push_bind(key)
+            .push_bind(e.model.clone())
+            .push_bind(p.request_json())
+            .push_bind(p.response_text())
+            .push_bind(p.expires_at);
+    });
+    qb.push(" ON CONFLICT (event_id) DO NOTHING");
+    Some(qb)
+}
+
 fn append_spool(path: &Path, batch: &[AuditEvent]) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -483,6 +536,7 @@ mod tests {
             latency_ms: 1.5,
             user_agent: None,
             usage_day: None,
+            prompt: None,
         }
     }
 
