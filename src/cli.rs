@@ -184,6 +184,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Models the upstreams have (as discovery sees them) and which tenants may use each.
+    ListModels {
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the upstream with the configured auth (GET /api/version and /api/tags).
     ProbeOllama {
         #[arg(long)]
@@ -458,6 +463,11 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
                 &serde_json::json!({"updated": subject_label(&subject)}),
                 || format!("updated prompt logging of {}", subject_label(&subject)),
             );
+        }
+        Command::ListModels { json } => {
+            let upstreams = Upstreams::new(&settings)?;
+            let rows = crate::model_report::list(&pool, &upstreams).await?;
+            emit(json, &rows, || crate::model_report::table(&rows));
         }
         Command::ShowUsage {
             tenant,

@@ -62,7 +62,14 @@ pub fn filter(body: &[u8], kind: Listing, access: &ModelAccess) -> Result<Bytes,
                 .iter()
                 .filter_map(|k| item.get(*k).and_then(Value::as_str))
                 .collect();
-            !names.is_empty() && names.iter().all(|n| access.permits_raw(n))
+            // An entry Ollama serves from ollama.com is a cloud model whatever its name.
+            let remote = crate::discovery::is_remote_entry(item);
+            !names.is_empty()
+                && names.iter().all(|n| {
+                    crate::models::ModelName::parse(n)
+                        .map(|m| if remote { m.into_cloud() } else { m })
+                        .is_some_and(|m| access.permits(&m))
+                })
         })
         .collect();
     obj.insert(field.to_string(), Value::Array(kept));

@@ -114,6 +114,18 @@ pub static AUDIT_SPOOL_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
         "Bytes of audit events spooled while Postgres is away",
     )
 });
+pub static UPSTREAM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "nz_upstream_up",
+        "1 when the last model discovery poll reached an upstream, else 0",
+    )
+});
+pub static UPSTREAM_MODELS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "nz_upstream_models",
+        "Models the upstreams listed at the last successful discovery poll",
+    )
+});
 pub static AUDIT_BATCH: LazyLock<Histogram> = LazyLock::new(|| {
     let opts = HistogramOpts::new("nz_audit_batch_size", "Audit events per written batch")
         .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 512.0]);

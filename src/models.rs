@@ -84,6 +84,12 @@ impl ModelName {
     pub fn is_cloud(&self) -> bool {
         self.cloud
     }
+
+    /// The same name, known to be served by ollama.com (discovery saw a `remote_host`).
+    pub fn into_cloud(mut self) -> Self {
+        self.cloud = true;
+        self
+    }
 }
 
 /// Which models one principal may use, after tenant→key narrowing.

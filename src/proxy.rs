@@ -59,6 +59,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub upstreams: Upstreams,
     pub readiness: Readiness,
+    pub discovery: Arc<crate::discovery::Discovery>,
     pub inflight: Arc<AtomicUsize>,
 }
 
@@ -307,8 +308,12 @@ impl Gateway {
         }
         let bytes = body::read_whole(session, self.state.settings.max_request_body_bytes).await?;
         let parsed = body::parse(&bytes, field)?;
-        let name = ModelName::parse(&parsed.model)
+        let mut name = ModelName::parse(&parsed.model)
             .ok_or_else(|| GatewayError::BadRequest("invalid model name".into()))?;
+        if self.state.discovery.is_remote(&name) {
+            // A local alias of a cloud model: only an explicit list entry allows it.
+            name = name.into_cloud();
+        }
         if !principal.models.permits(&name) {
             return Err(GatewayError::ModelNotAllowed(truncate(&parsed.model)));
         }
@@ -429,7 +434,11 @@ impl Gateway {
                 .await?;
             }
             _ => {
-                let report = self.state.readiness.check(&self.state.upstreams).await;
+                let report = self
+                    .state
+                    .readiness
+                    .check(&self.state.upstreams, self.state.discovery.current())
+                    .await;
                 respond::json(
                     session,
                     report.status(),

@@ -24,6 +24,15 @@ pub struct Report {
     error: Option<String>,
     status: &'static str,
     checks: Checks,
+    /// What model discovery last saw: how many models and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    models: Option<ModelsSeen>,
+}
+
+#[derive(Serialize)]
+struct ModelsSeen {
+    count: usize,
+    fetched_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Serialize)]
@@ -54,7 +63,11 @@ impl Readiness {
         Self { store, redis }
     }
 
-    pub async fn check(&self, upstreams: &Upstreams) -> Report {
+    pub async fn check(
+        &self,
+        upstreams: &Upstreams,
+        catalog: Option<Arc<crate::discovery::Catalog>>,
+    ) -> Report {
         let pg = async {
             tokio::time::timeout(CHECK_TIMEOUT, self.store.ping())
                 .await
@@ -103,6 +116,10 @@ impl Readiness {
                 redis: redis.map_or("not_configured", word),
                 ollama: word(ollama),
             },
+            models: catalog.map(|c| ModelsSeen {
+                count: c.models.len(),
+                fetched_at: c.fetched_at,
+            }),
         }
     }
 }

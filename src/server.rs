@@ -71,6 +71,12 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     );
     let upstreams = Upstreams::new(&settings)?;
     let readiness = Readiness::new(store.clone(), redis.clone());
+    let discovery = Arc::new(crate::discovery::Discovery::default());
+    let poller = crate::discovery::DiscoveryPoller {
+        upstreams: Upstreams::new(&settings)?,
+        discovery: discovery.clone(),
+        interval: settings.discovery_interval,
+    };
     let listen = settings.listen_addr.to_string();
     let metrics_listen = settings.metrics_addr.to_string();
     let pipeline = Arc::new(Pipeline::new(settings.audit_spool_dir.clone()));
@@ -115,6 +121,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         auth,
         upstreams,
         readiness,
+        discovery,
         inflight: inflight.clone(),
     });
 
@@ -145,6 +152,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         ));
     }
     server.add_service(background_service("change-feed", follower));
+    server.add_service(background_service("model-discovery", poller));
     if let Some(path) = clock_file {
         crate::clock::load_offset(&path);
         server.add_service(background_service(

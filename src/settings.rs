@@ -45,6 +45,7 @@ const KNOWN: &[&str] = &[
     "BUDGET_SEED_GRACE_MS",
     "CLOCK_OFFSET_FILE",
     "PROMPT_LOG_PURGE_INTERVAL",
+    "DISCOVERY_INTERVAL",
     "NEGATIVE_CACHE_TTL_S",
     "LIMITS_FAIL_OPEN",
     "TPM_DEFAULT_OUTPUT_TOKENS",
@@ -167,6 +168,8 @@ pub struct Settings {
     pub audit_retention_days: u32,
     /// How often expired prompt-log rows are deleted.
     pub prompt_log_purge_interval: Duration,
+    /// How often the upstreams' model lists are polled.
+    pub discovery_interval: Duration,
     pub log_format: LogFormat,
 }
 
@@ -270,6 +273,9 @@ impl Settings {
             ),
             audit_queue_capacity: r.number("AUDIT_QUEUE_CAPACITY", 65_536, 64, 10_000_000)?,
             audit_retention_days: r.number("AUDIT_RETENTION_DAYS", 90, 1, 36_500)?,
+            discovery_interval: r
+                .duration("DISCOVERY_INTERVAL", Duration::from_secs(30))?
+                .max(Duration::from_millis(100)),
             prompt_log_purge_interval: r
                 .duration("PROMPT_LOG_PURGE_INTERVAL", Duration::from_secs(60))?
                 .max(Duration::from_millis(50)),

@@ -194,7 +194,16 @@ fn details_for(name: &str) -> (Details, u64, bool, u64) {
 }
 
 impl Model {
+    /// `name`, or `alias@remote` for a local alias of a cloud model (what `ollama cp` of a
+    /// cloud model makes): listed under the alias, with the remote model and host.
     pub fn new(name: &str, index: usize) -> Model {
+        if let Some((alias, remote)) = name.trim().split_once('@') {
+            let mut m = Model::new(remote, index);
+            m.name = alias.to_string();
+            m.digest = digest(alias);
+            m.remote_model = Some(remote.trim_end_matches("-cloud").to_string());
+            return m;
+        }
         let name = name.trim().to_string();
         let (details, size, embedding_only, context_length) = details_for(&name);
         let remote_model = is_cloud(&name).then(|| {
@@ -272,6 +281,13 @@ mod tests {
         assert!(d.chars().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(d, digest("llama3.2:latest"));
         assert_ne!(d, digest("mistral:7b"));
+    }
+
+    #[test]
+    fn local_alias_of_a_cloud_model() {
+        let m = Model::new("mybig:latest@gpt-oss:120b-cloud", 0);
+        assert_eq!(m.name, "mybig:latest");
+        assert_eq!(m.remote_model.as_deref(), Some("gpt-oss:120b"));
     }
 
     #[test]
