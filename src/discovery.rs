@@ -19,6 +19,8 @@ use crate::models::ModelName;
 use crate::upstream::Upstreams;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `X-Request-ID` of discovery polls, so they are told apart from client traffic upstream.
+pub const DISCOVERY_REQUEST_ID: &str = "nz-discovery";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiscoveredModel {
@@ -79,7 +81,10 @@ pub async fn fetch(upstreams: &Upstreams) -> Result<Catalog, DiscoveryError> {
     let mut found: BTreeMap<String, bool> = BTreeMap::new();
     let mut answered = false;
     for target in upstreams.targets() {
-        let Ok(resp) = upstreams.probe(target, "/api/tags", FETCH_TIMEOUT).await else {
+        let Ok(resp) = upstreams
+            .probe_as(target, "/api/tags", FETCH_TIMEOUT, DISCOVERY_REQUEST_ID)
+            .await
+        else {
             continue;
         };
         if resp.status != 200 {

@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
-use crate::models::ModelAccess;
+use crate::models::{ModelAccess, ModelName};
 use crate::routes::Listing;
 
 /// Listings are small; anything bigger is not a listing we can vouch for.
@@ -34,13 +34,25 @@ impl ListingBuffer {
         Ok(())
     }
 
-    pub fn finish(&mut self, kind: Listing, access: &ModelAccess) -> Result<Bytes, ListingError> {
+    pub fn finish(
+        &mut self,
+        kind: Listing,
+        access: &ModelAccess,
+        remote: &dyn Fn(&ModelName) -> bool,
+    ) -> Result<Bytes, ListingError> {
         let body = std::mem::take(&mut self.buf);
-        filter(&body, kind, access)
+        filter(&body, kind, access, remote)
     }
 }
 
-pub fn filter(body: &[u8], kind: Listing, access: &ModelAccess) -> Result<Bytes, ListingError> {
+/// Keeps the entries `access` permits. `remote` says which models discovery saw served from
+/// ollama.com (cloud models whatever their name), for listings that do not say so themselves.
+pub fn filter(
+    body: &[u8],
+    kind: Listing,
+    access: &ModelAccess,
+    remote: &dyn Fn(&ModelName) -> bool,
+) -> Result<Bytes, ListingError> {
     let mut doc: Value = serde_json::from_slice(body).map_err(|_| ListingError::Malformed)?;
     let (field, name_keys): (&str, &[&str]) = match kind {
         Listing::OllamaModels => ("models", &["name", "model"]),
@@ -63,11 +75,18 @@ pub fn filter(body: &[u8], kind: Listing, access: &ModelAccess) -> Result<Bytes,
                 .filter_map(|k| item.get(*k).and_then(Value::as_str))
                 .collect();
             // An entry Ollama serves from ollama.com is a cloud model whatever its name.
+            let is_remote = remote;
             let remote = crate::discovery::is_remote_entry(item);
             !names.is_empty()
                 && names.iter().all(|n| {
-                    crate::models::ModelName::parse(n)
-                        .map(|m| if remote { m.into_cloud() } else { m })
+                    ModelName::parse(n)
+                        .map(|m| {
+                            if remote || is_remote(&m) {
+                                m.into_cloud()
+                            } else {
+                                m
+                            }
+                        })
                         .is_some_and(|m| access.permits(&m))
                 })
         })
@@ -98,7 +117,10 @@ mod tests {
     #[test]
     fn filters_ollama_tags() {
         let body = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":1},{"name":"mistral:7b","model":"mistral:7b"},{"name":"llama3.2:latest","model":"mistral:7b"}]}"#;
-        let out = filter(body, Listing::OllamaModels, &access(&["llama3.2"])).unwrap();
+        let out = filter(body, Listing::OllamaModels, &access(&["llama3.2"]), &|_| {
+            false
+        })
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["models"].as_array().unwrap().len(), 1);
         assert_eq!(v["models"][0]["size"], 1);
@@ -107,7 +129,13 @@ mod tests {
     #[test]
     fn filters_openai_models_and_fixes_null() {
         let body = br#"{"object":"list","data":[{"id":"llama3.2:latest"},{"id":"qwen2.5:0.5b"}]}"#;
-        let out = filter(body, Listing::OpenAiModels, &access(&["qwen2.5:0.5b"])).unwrap();
+        let out = filter(
+            body,
+            Listing::OpenAiModels,
+            &access(&["qwen2.5:0.5b"]),
+            &|_| false,
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["data"][0]["id"], "qwen2.5:0.5b");
         assert_eq!(v["object"], "list");
@@ -115,6 +143,7 @@ mod tests {
             br#"{"object":"list","data":null}"#,
             Listing::OpenAiModels,
             &access(&[]),
+            &|_| false,
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
@@ -123,8 +152,16 @@ mod tests {
 
     #[test]
     fn malformed_and_oversized() {
-        assert!(filter(b"[]", Listing::OllamaModels, &access(&[])).is_err());
-        assert!(filter(br#"{"models":5}"#, Listing::OllamaModels, &access(&[])).is_err());
+        assert!(filter(b"[]", Listing::OllamaModels, &access(&[]), &|_| false).is_err());
+        assert!(
+            filter(
+                br#"{"models":5}"#,
+                Listing::OllamaModels,
+                &access(&[]),
+                &|_| false
+            )
+            .is_err()
+        );
         let mut b = ListingBuffer::default();
         assert!(b.push(&vec![b' '; MAX_LISTING_BYTES + 1]).is_err());
     }

@@ -917,7 +917,9 @@ impl ProxyHttp for Gateway {
                 ));
             };
             let kind = route.listing().unwrap_or(routes::Listing::OllamaModels);
-            let filtered = buffer.finish(kind, &principal.models).unwrap_or_else(|e| {
+            let discovery = &self.state.discovery;
+            let remote = |m: &ModelName| discovery.is_remote(m);
+            let filtered = buffer.finish(kind, &principal.models, &remote).unwrap_or_else(|e| {
                 tracing::warn!(request_id = %ctx.request_id, error = %e, "upstream listing unusable; answering an empty list");
                 crate::listing::empty(kind)
             });

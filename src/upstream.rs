@@ -137,7 +137,18 @@ impl Upstreams {
         path: &str,
         timeout: Duration,
     ) -> Result<ProbeResponse, ProbeError> {
-        tokio::time::timeout(timeout, self.probe_inner(target, path))
+        self.probe_as(target, path, timeout, "probe").await
+    }
+
+    /// [`Self::probe`] with its own `X-Request-ID`, so the upstream's logs tell who asked.
+    pub async fn probe_as(
+        &self,
+        target: &UpstreamTarget,
+        path: &str,
+        timeout: Duration,
+        request_id: &str,
+    ) -> Result<ProbeResponse, ProbeError> {
+        tokio::time::timeout(timeout, self.probe_inner(target, path, request_id))
             .await
             .map_err(|_| ProbeError::Timeout)?
     }
@@ -146,6 +157,7 @@ impl Upstreams {
         &self,
         target: &UpstreamTarget,
         path: &str,
+        request_id: &str,
     ) -> Result<ProbeResponse, ProbeError> {
         let connector = Connector::new(None);
         let peer = self.peer(target);
@@ -155,7 +167,7 @@ impl Upstreams {
             .map_err(|e| ProbeError::Transport(e.etype().as_str().to_string()))?;
         let mut req =
             RequestHeader::build("GET", path.as_bytes(), None).map_err(|_| ProbeError::Protocol)?;
-        self.prepare_request(&mut req, target, path, "probe")
+        self.prepare_request(&mut req, target, path, request_id)
             .map_err(|_| ProbeError::Protocol)?;
         session
             .write_request_header(Box::new(req))
