@@ -249,6 +249,8 @@ pub struct Gateway {
     pub metrics_addr: String,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The Pingora conf the process was started with (upgrade socket, grace period).
+    conf: PathBuf,
     proc: Option<Proc>,
     _dir: tempfile::TempDir,
 }
@@ -298,6 +300,7 @@ impl Gateway {
             metrics_addr,
             log,
             env: full,
+            conf: conf.clone(),
             proc: Some(Proc {
                 child,
                 name: "gateway",
@@ -358,6 +361,62 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
+    /// Pingora's graceful upgrade: a new process started with `-u` waits on the upgrade
+    /// socket; SIGQUIT makes this one hand its listening sockets over, finish what it is
+    /// serving and exit. Returns once the old process is gone (panics after `within`).
+    pub fn upgrade(&mut self, within: Duration) {
+        let sock = self
+            .conf
+            .parent()
+            .map(|d| d.join("gw.sock"))
+            .expect("conf dir");
+        let _ = std::fs::remove_file(&sock);
+        let log = self
+            .log
+            .with_file_name(format!("gateway-{}.log", uuid::Uuid::new_v4().simple()));
+        let child = Command::new(gateway_bin())
+            .args(["serve", "-u", "-c"])
+            .arg(&self.conf)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn the new gateway");
+        let deadline = Instant::now() + within;
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the new process never listened on the upgrade socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut old = self.proc.take().expect("a running gateway");
+        let _ = Command::new("kill")
+            .args(["-QUIT", &old.child.id().to_string()])
+            .status();
+        loop {
+            if let Ok(Some(status)) = old.child.try_wait() {
+                assert!(status.success(), "old gateway exited with {status}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "old gateway still running; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.log = log;
+        self.proc = Some(Proc {
+            child,
+            name: "gateway",
+        });
     }
 
     /// SIGKILL: no graceful shutdown, nothing cleaned up.
