@@ -64,6 +64,40 @@ pub struct Principal {
     /// a later change to its key or tenant has been applied.
     #[serde(default)]
     pub feed_seq: i64,
+    /// The Postgres snapshot this was read in: a change is known to be reflected here exactly
+    /// when the snapshot sees the change's transaction.
+    #[serde(default)]
+    pub snapshot: Option<ReadSnapshot>,
+}
+
+/// `pg_current_snapshot()`: transactions below `xmin` are visible, those from `xmax` on are
+/// not, and in between all but the ones in progress (`xip`) are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSnapshot {
+    pub xmin: i64,
+    pub xmax: i64,
+    pub xip: Vec<i64>,
+}
+
+impl ReadSnapshot {
+    /// Parses Postgres' text form `xmin:xmax:xip,xip,...`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<i64>>>()?,
+        };
+        Some(Self { xmin, xmax, xip })
+    }
+
+    pub fn sees(&self, xid: i64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
 }
 
 impl Principal {
@@ -117,6 +151,7 @@ impl Principal {
                 .clone()
                 .or_else(|| tenant.keep_alive_policy.clone()),
             feed_seq: 0,
+            snapshot: None,
         }
     }
 
@@ -169,6 +204,17 @@ mod tests {
             key_prefix: "nz_abcdefghi".into(),
             key_name: "k".into(),
         }
+    }
+
+    #[test]
+    fn snapshots_see_what_committed_before_them() {
+        let s = ReadSnapshot::parse("100:110:103,107").unwrap();
+        assert!(s.sees(99));
+        assert!(s.sees(104));
+        assert!(!s.sees(103), "in progress when read");
+        assert!(!s.sees(110), "started after the read");
+        assert_eq!(ReadSnapshot::parse("5:5:").unwrap().xip, Vec::<i64>::new());
+        assert!(ReadSnapshot::parse("x:1:").is_none());
     }
 
     #[test]

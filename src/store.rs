@@ -165,7 +165,8 @@ fn key_lookup_sql() -> String {
     format!(
         "SELECT k.id AS key_id, k.prefix, k.name AS key_name, k.key_hash, k.expires_at, k.revoked_at, \
                 t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status, {}, {}, \
-                (SELECT COALESCE(max(id), 0) FROM revocations) AS feed_high \
+                (SELECT COALESCE(max(id), 0) FROM revocations) AS feed_high, \
+                pg_current_snapshot()::text AS snap \
          FROM api_keys k \
          JOIN tenants t ON t.id = k.tenant_id \
          LEFT JOIN limits tl ON tl.tenant_id = t.id AND tl.key_id IS NULL \
@@ -222,6 +223,10 @@ fn decode_key_record(row: &PgRow) -> Result<KeyRecord, StoreError> {
         principal: Principal {
             // Every change up to here was visible to this read.
             feed_seq: feed_high,
+            snapshot: row
+                .try_get::<String, _>("snap")
+                .ok()
+                .and_then(|s| crate::principal::ReadSnapshot::parse(&s)),
             ..Principal::flatten(ids, ends_at, &tenant, &key)
         },
     })

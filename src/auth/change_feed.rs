@@ -22,6 +22,7 @@ use sqlx::Row;
 
 use crate::auth::cache::PrincipalCache;
 use crate::log_throttle::LogEvery;
+use crate::principal::Principal;
 use crate::store::Store;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -41,19 +42,22 @@ pub struct ChangeFollower {
     errors: LogEvery,
 }
 
-/// The latest change applied per key and per tenant, shared with the authenticator so a cached
-/// principal older than a change is treated as a miss (closes the race between a cache fill
-/// and an invalidation, here and through Redis on every instance).
+/// The recent changes applied per key and per tenant, shared with the authenticator so a
+/// cached principal that did not see one of them is treated as a miss (closes the race between
+/// a cache fill and an invalidation, here and through Redis on every instance).
 #[derive(Default)]
 pub struct ChangeLog {
     high: AtomicI64,
-    latest: RwLock<Latest>,
+    recent: RwLock<Recent>,
 }
 
+/// Changes remembered per subject (a few; older ones are covered by the cache TTL).
+const REMEMBERED_PER_SUBJECT: usize = 32;
+
 #[derive(Default)]
-struct Latest {
-    keys: HashMap<i64, (i64, Instant)>,
-    tenants: HashMap<i64, (i64, Instant)>,
+struct Recent {
+    keys: HashMap<i64, Vec<(Change, Instant)>>,
+    tenants: HashMap<i64, Vec<(Change, Instant)>>,
 }
 
 impl ChangeLog {
@@ -62,47 +66,64 @@ impl ChangeLog {
         self.high.load(Ordering::Acquire)
     }
 
-    /// The latest change applied to this key or its tenant (0 if none is remembered).
-    pub fn latest_for(&self, tenant_id: i64, key_id: i64) -> i64 {
-        let Ok(l) = self.latest.read() else {
-            return i64::MAX;
+    /// A change applied to this principal's key or tenant that its read did not see. With the
+    /// read's snapshot this is exact, whatever order the changes committed in; without one (an
+    /// entry cached by an older version) the change ids decide.
+    pub fn outdates(&self, p: &Principal) -> bool {
+        let Ok(r) = self.recent.read() else {
+            return true;
         };
-        let key = l.keys.get(&key_id).map_or(0, |e| e.0);
-        let tenant = l.tenants.get(&tenant_id).map_or(0, |e| e.0);
-        key.max(tenant)
+        let missed = |c: &Change| match (&p.snapshot, c.xid) {
+            (Some(snapshot), Some(xid)) => !snapshot.sees(xid),
+            _ => c.id > p.feed_seq,
+        };
+        [r.keys.get(&p.key_id), r.tenants.get(&p.tenant_id)]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|(c, _)| missed(c))
     }
 
     fn record(&self, change: &Change) {
-        if let Ok(mut l) = self.latest.write() {
-            let now = Instant::now();
+        if let Ok(mut r) = self.recent.write() {
             let map = if change.key_id.is_some() {
-                &mut l.keys
+                &mut r.keys
             } else {
-                &mut l.tenants
+                &mut r.tenants
             };
-            let subject = change.key_id.unwrap_or(change.tenant_id);
-            let entry = map.entry(subject).or_insert((0, now));
-            *entry = (entry.0.max(change.id), now);
+            let list = map
+                .entry(change.key_id.unwrap_or(change.tenant_id))
+                .or_default();
+            if list.len() >= REMEMBERED_PER_SUBJECT {
+                list.remove(0);
+            }
+            list.push((*change, Instant::now()));
         }
         self.high.fetch_max(change.id, Ordering::AcqRel);
     }
 
     /// Forgets changes no cached entry can predate any more.
     fn prune(&self, older_than: Duration) {
-        if let Ok(mut l) = self.latest.write() {
-            let keep = |e: &mut (i64, Instant)| e.1.elapsed() < older_than;
-            l.keys.retain(|_, e| keep(e));
-            l.tenants.retain(|_, e| keep(e));
+        if let Ok(mut r) = self.recent.write() {
+            let r = &mut *r;
+            for map in [&mut r.keys, &mut r.tenants] {
+                map.retain(|_, list| {
+                    list.retain(|(_, at)| at.elapsed() < older_than);
+                    !list.is_empty()
+                });
+            }
         }
     }
 }
 
-/// One row of the feed: a key (`key_id` set) or a whole tenant changed.
+/// One row of the feed: a key (`key_id` set) or a whole tenant changed, in transaction `xid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Change {
     pub id: i64,
     pub tenant_id: i64,
     pub key_id: Option<i64>,
+    /// `None` for rows written before the column existed.
+    pub xid: Option<i64>,
 }
 
 /// Which changes of a poll are new, and the bookkeeping that makes that answer right across
@@ -173,7 +194,7 @@ impl ChangeFollower {
 
     async fn changes_above(&self, low: i64) -> Result<Vec<Change>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, key_id FROM revocations WHERE id > $1 ORDER BY id LIMIT 5000",
+            "SELECT id, tenant_id, key_id, xid FROM revocations WHERE id > $1 ORDER BY id LIMIT 5000",
         )
         .bind(low)
         .fetch_all(self.store.pool().await)
@@ -184,6 +205,7 @@ impl ChangeFollower {
                     id: r.try_get("id")?,
                     tenant_id: r.try_get::<Option<i64>, _>("tenant_id")?.unwrap_or(0),
                     key_id: r.try_get("key_id")?,
+                    xid: r.try_get("xid")?,
                 })
             })
             .collect()
@@ -256,26 +278,56 @@ impl BackgroundService for ChangeFollower {
 mod tests {
     use super::*;
 
+    fn principal(feed_seq: i64, snapshot: Option<&str>) -> Principal {
+        let mut p = Principal::flatten(
+            crate::principal::PrincipalIds {
+                tenant_id: 1,
+                tenant_name: "t".into(),
+                key_id: 10,
+                key_prefix: "nz_abcdefghi".into(),
+                key_name: "k".into(),
+            },
+            None,
+            &Default::default(),
+            &Default::default(),
+        );
+        p.feed_seq = feed_seq;
+        p.snapshot = snapshot.and_then(crate::principal::ReadSnapshot::parse);
+        p
+    }
+
     #[test]
-    fn change_log_marks_older_copies_stale() {
+    fn a_change_the_read_did_not_see_outdates_it() {
         let log = ChangeLog::default();
-        assert_eq!(log.latest_for(1, 10), 0);
+        assert!(!log.outdates(&principal(0, Some("100:100:"))));
+        // Change 5 (xid 103) committed after change 6 (xid 104): a read that saw 6 but not 5
+        // has max(id) = 6 and would pass an id comparison; its snapshot says it missed 103.
+        log.record(&Change {
+            id: 6,
+            tenant_id: 1,
+            key_id: Some(10),
+            xid: Some(104),
+        });
         log.record(&Change {
             id: 5,
             tenant_id: 1,
             key_id: Some(10),
+            xid: Some(103),
         });
+        assert!(log.outdates(&principal(6, Some("103:105:103"))));
+        assert!(!log.outdates(&principal(6, Some("105:105:"))));
+        // A tenant-wide change covers its keys; old entries without a snapshot compare ids.
         log.record(&Change {
             id: 7,
-            tenant_id: 2,
+            tenant_id: 1,
             key_id: None,
+            xid: None,
         });
-        assert_eq!(log.latest_for(1, 10), 5);
-        assert_eq!(log.latest_for(2, 11), 7, "a tenant change covers its keys");
-        assert_eq!(log.latest_for(1, 11), 0);
+        assert!(log.outdates(&principal(6, None)));
+        assert!(!log.outdates(&principal(7, None)));
         assert_eq!(log.high(), 7);
         log.prune(Duration::ZERO);
-        assert_eq!(log.latest_for(1, 10), 0);
+        assert!(!log.outdates(&principal(0, Some("100:100:"))));
     }
 
     fn c(id: i64) -> Change {
@@ -283,6 +335,7 @@ mod tests {
             id,
             tenant_id: 1,
             key_id: Some(id),
+            xid: None,
         }
     }
 

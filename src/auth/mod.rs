@@ -189,19 +189,11 @@ impl Authenticator {
         if let Some(retry) = ip.and_then(|ip| self.throttle.blocked(ip)) {
             return Err(AuthError::Throttled(retry));
         }
-        // A change applied while we read and verified makes what we read suspect: read again.
+        // A change applied here that the read did not see (it committed after the read's
+        // snapshot) makes what we read suspect: read again.
         for _ in 0..3 {
-            let applied = self.changes.high();
             let principal = self.resolve_from_store(token, digest, ip).await?;
-            // The read saw every change up to its own feed position, and those applied here.
-            let seen = applied.max(principal.feed_seq);
-            if self
-                .changes
-                .latest_for(principal.tenant_id, principal.key_id)
-                <= seen
-            {
-                let mut principal = principal;
-                principal.feed_seq = seen;
+            if !self.changes.outdates(&principal) {
                 let principal = Arc::new(principal);
                 self.cache.remember_valid(digest, principal.clone());
                 self.spawn_cache_fill(digest, principal.clone());
@@ -211,10 +203,10 @@ impl Authenticator {
         Err(AuthError::Unavailable)
     }
 
-    /// A cached principal is current unless a change to its key or tenant was applied after it
-    /// was resolved (its `feed_seq`).
+    /// A cached principal is current unless a change to its key or tenant that its read did
+    /// not see has been applied.
     fn is_current(&self, p: &Principal) -> bool {
-        self.changes.latest_for(p.tenant_id, p.key_id) <= p.feed_seq
+        !self.changes.outdates(p)
     }
 
     async fn resolve_from_store(
