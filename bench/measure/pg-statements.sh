@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Postgres statements per request under load: 8 threads x 150 non-streamed /api/chat requests,
-# then the delta of pg_stat_database.xact_commit and the audit row count.
+# then the delta of pg_stat_database.xact_commit, the audit row count, and the number of batches
+# the audit sidecar wrote (each batch = one transaction with one audit INSERT and one
+# budget_usage upsert, all in one statement).
 # Usage: bench/measure/pg-statements.sh   (builds must exist: cargo build --workspace --bins)
 set -euo pipefail
-cd /work/main
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib.sh
 nz_ensure_packages >/dev/null 2>&1
 T=$(mktemp -d /tmp/nzm.XXXX); chmod 755 $T
@@ -23,7 +25,9 @@ KEY=$($GW create-key --tenant acme --name k --json | python3 -c 'import sys,json
 curl -s -o /dev/null http://127.0.0.1:18081/api/version -H "Authorization: Bearer $KEY"
 sleep 1
 q() { psql "$DATABASE_URL" -Atc "$1"; }
+batches() { curl -s http://127.0.0.1:19464/metrics | awk '/^nz_audit_batch_size_count/ {print $2}'; }
 B=$(q "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+NB=$(batches)
 T0=$(date +%s.%N)
 python3 - "$KEY" <<'PY'
 import sys, threading, http.client
@@ -37,10 +41,20 @@ ts = [threading.Thread(target=worker) for _ in range(8)]
 [t.start() for t in ts]; [t.join() for t in ts]
 PY
 T1=$(date +%s.%N)
-sleep 1
+# Backends report their transaction counts when idle, at most every second and at the latest
+# 10 s later (Postgres 15+): wait for that, or the count comes out short.
+sleep 11
 A=$(q "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
 ROWS=$(q "SELECT count(*) FROM audit_log WHERE path = '/api/chat'")
-echo "requests=1200 audit_rows=$ROWS xact_commit_delta=$((A-B)) seconds=$(python3 -c "print(round($T1-$T0,2))")"
+USAGE=$(q "SELECT requests FROM budget_usage WHERE scope = 'key' AND period = 'total'")
+NA=$(batches)
+# The same wait with no load: what the background services commit on their own (change-feed
+# polls, pool health checks), to tell the load's share apart.
+I0=$(q "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+sleep 12.5
+I1=$(q "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+echo "idle_xact_commit_in_12.5s=$((I1-I0))"
+echo "requests=1200 audit_rows=$ROWS budget_usage_requests=$USAGE xact_commit_delta=$((A-B)) audit_batches=$((NA-NB)) seconds=$(python3 -c "print(round($T1-$T0,2))")"
 kill $GWPID $SIMPID; wait $GWPID 2>/dev/null || true
 nz_remove_postgres $T/pg >/dev/null 2>&1 || true
 rm -rf $T

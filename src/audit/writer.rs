@@ -25,7 +25,9 @@ use crate::log_throttle::LogEvery;
 use crate::store::Store;
 
 const BATCH: usize = 512;
-const FLUSH_EVERY: Duration = Duration::from_millis(5);
+/// A batch collects events this long after its first one (or until `BATCH`): at load, one
+/// statement per few dozen requests.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 /// Shutdown: stop once no event came for this long and no request is in flight...
@@ -72,19 +74,14 @@ impl AuditWriter {
             .join(format!("audit-{}.jsonl", std::process::id()))
     }
 
-    /// Audit rows and their usage in one transaction: a batch counts entirely or not at all,
-    /// and a replayed one counts once (event ids).
+    /// One statement per chunk: audit rows, their usage and their transcripts count entirely
+    /// or not at all, and a replayed chunk counts once (event ids).
     async fn insert(&self, batch: &[AuditEvent]) -> Result<(), sqlx::Error> {
         for chunk in batch.chunks(BATCH) {
-            let mut tx = self.store.pool().await.begin().await?;
-            audit_rows(chunk).build().execute(&mut *tx).await?;
-            if let Some(mut usage) = usage_rows(chunk) {
-                usage.build().execute(&mut *tx).await?;
-            }
-            if let Some(mut prompts) = prompt_rows(chunk) {
-                prompts.build().execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
+            batch_statement(chunk)
+                .build()
+                .execute(self.store.pool().await)
+                .await?;
         }
         Ok(())
     }
@@ -312,51 +309,56 @@ impl AuditWriter {
     }
 }
 
-fn audit_rows(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
+/// `WITH audit AS (INSERT ...), <usage CTEs>, <prompt CTE> SELECT ...`: data-modifying CTEs
+/// run exactly once each, in one statement (atomic without a transaction block).
+fn batch_statement(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-        "INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, client_ip, \
-         method, path, surface, model, stream, status, upstream_status, error_code, prompt_tokens, \
-         completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) ",
+        "WITH audit AS (INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, \
+         client_ip, method, path, surface, model, stream, status, upstream_status, error_code, \
+         prompt_tokens, completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) ",
     );
     qb.push_values(chunk, |mut b, e| {
         b.push_bind(e.event_id)
             .push_bind(e.ts)
-            .push_bind(&e.request_id)
+            .push_bind(e.request_id.clone())
             .push_bind(e.tenant_id)
             .push_bind(e.key_id)
-            .push_bind(&e.key_prefix)
+            .push_bind(e.key_prefix.clone())
             .push("CAST(")
-            .push_bind_unseparated(&e.client_ip)
+            .push_bind_unseparated(e.client_ip.clone())
             .push_unseparated(" AS inet)")
-            .push_bind(&e.method)
-            .push_bind(&e.path)
-            .push_bind(&e.surface)
-            .push_bind(&e.model)
+            .push_bind(e.method.clone())
+            .push_bind(e.path.clone())
+            .push_bind(e.surface.clone())
+            .push_bind(e.model.clone())
             .push_bind(e.stream)
             .push_bind(e.status)
             .push_bind(e.upstream_status)
-            .push_bind(&e.error_code)
+            .push_bind(e.error_code.clone())
             .push_bind(e.prompt_tokens)
             .push_bind(e.completion_tokens)
             .push_bind(e.bytes_in)
             .push_bind(e.bytes_out)
             .push_bind(e.ttfb_ms)
             .push_bind(e.latency_ms)
-            .push_bind(&e.user_agent);
+            .push_bind(e.user_agent.clone());
     });
-    qb.push(" ON CONFLICT (event_id, ts) DO NOTHING");
+    qb.push(" ON CONFLICT (event_id, ts) DO NOTHING RETURNING 1)");
+    push_usage(&mut qb, chunk);
+    push_prompts(&mut qb, chunk);
+    qb.push(" SELECT count(*) FROM audit");
     qb
 }
 
 /// Adds the usage of every event not applied before to `budget_usage`: per tenant and per key,
-/// for its day, its month and the running total. `None` when no event in the chunk went upstream.
-fn usage_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
+/// for its day, its month and the running total. Nothing when no event went upstream.
+fn push_usage(qb: &mut QueryBuilder<Postgres>, chunk: &[AuditEvent]) {
     let charged: Vec<&AuditEvent> = chunk
         .iter()
         .filter(|e| e.usage_day.is_some() && e.tenant_id.is_some() && e.key_id.is_some())
         .collect();
     if charged.is_empty() {
-        return None;
+        return;
     }
     let ids: Vec<uuid::Uuid> = charged.iter().map(|e| e.event_id).collect();
     let tenants: Vec<i64> = charged.iter().filter_map(|e| e.tenant_id).collect();
@@ -370,10 +372,8 @@ fn usage_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
         .iter()
         .map(|e| e.completion_tokens.unwrap_or(0))
         .collect();
-    // Rows are upserted in primary-key order, so two writers never wait on each other in a
-    // cycle (deadlock).
-    let mut qb = QueryBuilder::new("WITH ev AS (SELECT * FROM unnest(");
-    qb.push_bind(ids)
+    qb.push(", ev AS (SELECT * FROM unnest(")
+        .push_bind(ids)
         .push("::uuid[], ")
         .push_bind(tenants)
         .push("::bigint[], ")
@@ -384,11 +384,13 @@ fn usage_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
         .push_bind(prompt)
         .push("::bigint[], ")
         .push_bind(completion)
+        // Rows are upserted in primary-key order, so two writers never wait on each other in
+        // a cycle (deadlock).
         .push(
             "::bigint[]) AS e(event_id, tenant_id, key_id, day, prompt, completion)), \
              fresh AS (INSERT INTO usage_events_applied (event_id) SELECT event_id FROM ev \
                        ON CONFLICT DO NOTHING RETURNING event_id), \
-             rows AS (SELECT s.scope, e.tenant_id, \
+             usage_rows AS (SELECT s.scope, e.tenant_id, \
                         CASE WHEN s.scope = 'key' THEN e.key_id ELSE 0 END AS key_id, p.period, \
                         CASE p.period WHEN 'day' THEN e.day \
                                       WHEN 'month' THEN date_trunc('month', e.day)::date \
@@ -396,31 +398,32 @@ fn usage_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
                         e.prompt, e.completion \
                       FROM ev e JOIN fresh f USING (event_id) \
                       CROSS JOIN (VALUES ('tenant'), ('key')) AS s(scope) \
-                      CROSS JOIN (VALUES ('day'), ('month'), ('total')) AS p(period)) \
-             INSERT INTO budget_usage AS u (scope, tenant_id, key_id, period, period_start, \
+                      CROSS JOIN (VALUES ('day'), ('month'), ('total')) AS p(period)), \
+             usage AS (INSERT INTO budget_usage AS u (scope, tenant_id, key_id, period, period_start, \
                                             requests, prompt_tokens, completion_tokens) \
-             SELECT scope, tenant_id, key_id, period, period_start, count(*), sum(prompt), sum(completion) \
-             FROM rows GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
-             ON CONFLICT (scope, tenant_id, key_id, period, period_start) DO UPDATE SET \
-               requests = u.requests + EXCLUDED.requests, \
-               prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
-               completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens, \
-               updated_at = now()",
+               SELECT scope, tenant_id, key_id, period, period_start, count(*), sum(prompt), sum(completion) \
+               FROM usage_rows GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
+               ON CONFLICT (scope, tenant_id, key_id, period, period_start) DO UPDATE SET \
+                 requests = u.requests + EXCLUDED.requests, \
+                 prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
+                 completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens, \
+                 updated_at = now() \
+               RETURNING 1)",
         );
-    Some(qb)
 }
 
-/// Prompt-log rows of the opted-in requests in a chunk; `None` when there are none.
-fn prompt_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
+/// Prompt-log rows of the opted-in requests in a chunk.
+fn push_prompts(qb: &mut QueryBuilder<Postgres>, chunk: &[AuditEvent]) {
     let logged: Vec<(&AuditEvent, &super::transcript::PromptRecord, i64, i64)> = chunk
         .iter()
         .filter_map(|e| Some((e, e.prompt.as_deref()?, e.tenant_id?, e.key_id?)))
         .collect();
     if logged.is_empty() {
-        return None;
+        return;
     }
-    let mut qb = QueryBuilder::new(
-        "INSERT INTO prompt_log (event_id, ts, request_id, tenant_id, key_id, model, request, response, expires_at) ",
+    qb.push(
+        ", prompts AS (INSERT INTO prompt_log (event_id, ts, request_id, tenant_id, key_id, model, \
+         request, response, expires_at) ",
     );
     qb.push_values(logged, |mut b, (e, p, tenant, key)| {
         b.push_bind(e.event_id)
@@ -433,8 +436,7 @@ fn prompt_rows(chunk: &[AuditEvent]) -> Option<QueryBuilder<Postgres>> {
             .push_bind(p.response_text())
             .push_bind(p.expires_at);
     });
-    qb.push(" ON CONFLICT (event_id) DO NOTHING");
-    Some(qb)
+    qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING 1)");
 }
 
 fn append_spool(path: &Path, batch: &[AuditEvent]) -> std::io::Result<()> {
