@@ -18,6 +18,7 @@ pub mod cors;
 pub mod discovery;
 pub mod drain;
 pub mod errors;
+pub mod fuzzing;
 pub mod limits;
 pub mod listing;
 pub mod log_throttle;

@@ -231,6 +231,18 @@ fn a_tenant_budget_spans_its_keys_and_a_monthly_one_waits_for_the_month() {
     }
     let r = chat(&g.addr, &k2, 1);
     assert_eq!(r.status, 429, "{}", r.text());
+    // The tenant's durable counter is the sum of its keys'.
+    let month = |scope: &str| {
+        sql_scalar_i64(
+            &e.db,
+            &format!(
+                "SELECT COALESCE(sum(prompt_tokens + completion_tokens), 0)::bigint FROM budget_usage \
+                 WHERE scope = '{scope}' AND period = 'month'"
+            ),
+        )
+    };
+    assert_eq!(month("tenant"), 5 * (PROMPT_TOKENS + 40));
+    assert_eq!(month("key"), month("tenant"));
     let msg = r.json()["error"].as_str().unwrap_or("").to_string();
     assert!(msg.contains("monthly") && msg.contains("tenant"), "{msg}");
     // A day later, still the same month (unless today is the month's last day).

@@ -1,0 +1,6 @@
+//! See `neuronetz_gateway::fuzzing::usage_strip` for the invariants checked.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| neuronetz_gateway::fuzzing::usage_strip(data));
