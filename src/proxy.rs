@@ -344,7 +344,7 @@ impl Gateway {
         } else {
             body::apply_edits(&bytes, &edits)?
         };
-        if limits::counts_tokens(principal) {
+        if limits::counts_tokens(principal) && route.kind.consumes_tokens() {
             ctx.prompt_bound =
                 limits::reservation::prompt_bound(&bytes, &self.state.settings.budgets);
         }
@@ -634,7 +634,9 @@ impl ProxyHttp for Gateway {
             strip_usage: false,
             request_body_len: 0,
             prompt_bound: 0,
-            output_cap: None,
+            // Routes without a model body (listings, version) spend no tokens; model routes
+            // set their own cap in `check_model`.
+            output_cap: Some(0),
             event_id: uuid::Uuid::new_v4(),
             usage_day: None,
             admission: None,

@@ -33,6 +33,15 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
+    /// Routes a model spends tokens on: text generation and embeddings.
+    pub fn consumes_tokens(self) -> bool {
+        self.generates_text()
+            || matches!(
+                self,
+                RouteKind::ApiEmbed | RouteKind::ApiEmbeddings | RouteKind::V1Embeddings
+            )
+    }
+
     /// Routes whose answer is generated text (chat, generate, completions, responses).
     pub fn generates_text(self) -> bool {
         matches!(

@@ -171,6 +171,14 @@ fn a_spent_daily_budget_refuses_until_the_utc_day_rolls() {
         "Retry-After {retry} is the day's end ({to_midnight})"
     );
     assert!(r.json()["error"].as_str().unwrap_or("").contains("daily"));
+    // What spends no tokens is not a budget's business.
+    let auth = format!("Bearer {key}");
+    for path in ["/api/tags", "/v1/models", "/api/version"] {
+        let r = http::get(&g.addr, path, &[("Authorization", auth.as_str())]);
+        assert_eq!(r.status, 200, "{path} with a spent budget: {}", r.text());
+    }
+    let r = post(&g.addr, &key, "/api/show", r#"{"model":"llama3.2"}"#, 1);
+    assert_eq!(r.status, 200, "/api/show with a spent budget: {}", r.text());
     // The OpenAI surface says `insufficient_quota`, which the SDKs know.
     let r = post(
         &g.addr,
@@ -210,7 +218,8 @@ fn a_spent_daily_budget_refuses_until_the_utc_day_rolls() {
         audited_tokens(&e.db, &prefix),
         "{usage}"
     );
-    assert_eq!(row("total")["requests"], 6);
+    // Six model requests and the four that spent nothing: every request that went upstream.
+    assert_eq!(row("total")["requests"], 10);
 }
 
 #[test]

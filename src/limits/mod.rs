@@ -276,7 +276,12 @@ impl Limiter {
         demand: &Demand,
         request_id: &str,
     ) -> Result<Option<Admission>, LimitError> {
-        let (rates, budgets) = self.scopes(p);
+        let (rates, mut budgets) = self.scopes(p);
+        // Listings, `/api/show`, `/api/version` spend no tokens: budgets neither refuse nor
+        // reserve anything for them (rate limits still count them).
+        if demand.prompt_bound == 0 && demand.output_cap == Some(0) {
+            budgets.clear();
+        }
         if rates.is_empty() && budgets.is_empty() {
             return Ok(None);
         }
