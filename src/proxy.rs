@@ -952,16 +952,17 @@ impl ProxyHttp for Gateway {
             };
         };
         let code = err.status();
+        // Pingora does not keep a connection after a proxy failure: say so, so a keep-alive
+        // client does not send its next request into a closing socket.
+        let mut headers = ctx.cors.clone();
+        headers.push((
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        ));
         // Once a response has started (a stream cut short), nothing more can be said.
         if session.response_written().is_none()
-            && let Err(write_err) = respond::error(
-                session,
-                &err,
-                ctx.surface,
-                &ctx.request_id,
-                ctx.cors.clone(),
-            )
-            .await
+            && let Err(write_err) =
+                respond::error(session, &err, ctx.surface, &ctx.request_id, headers).await
         {
             tracing::debug!(request_id = %ctx.request_id, error = %write_err, "could not send the error response");
         }

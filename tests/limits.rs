@@ -292,3 +292,18 @@ fn redis_outage_fails_closed_unless_configured_open() {
         "LIMITS_FAIL_OPEN=true"
     );
 }
+
+#[test]
+fn a_refusal_after_admission_tells_the_client_the_connection_closes() {
+    let e = env();
+    let g = gateway(&e, &[]);
+    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
+    let (key, prefix) = g.create_key("acme", "k", &[]);
+    g.cli(&["set-limits", "--prefix", &prefix, "--rpm", "1"]);
+    assert_eq!(chat(&g.addr, &key, &[]).status, 200);
+    let r = chat(&g.addr, &key, &[]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    // Pingora drops the connection after a refusal decided once the upstream was chosen; a
+    // keep-alive client must not send its next request into it.
+    assert_eq!(r.header("connection"), Some("close"));
+}

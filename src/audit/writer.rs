@@ -25,9 +25,12 @@ use crate::log_throttle::LogEvery;
 use crate::store::Store;
 
 const BATCH: usize = 512;
-/// A batch collects events this long after its first one (or until `BATCH`): at load, one
-/// statement per few dozen requests.
-const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// A batch is written once it holds `FLUSH_AT` events, or this long after its first one: one
+/// statement per few dozen requests at any rate above a few hundred per second (the bench
+/// measured 0.33 statements per request at 400 req/s with a fixed 5 ms window), and audit rows
+/// at most this late.
+const FLUSH_WINDOW: Duration = Duration::from_millis(100);
+const FLUSH_AT: usize = 64;
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 /// Shutdown: stop once no event came for this long and no request is in flight...
@@ -246,13 +249,7 @@ impl BackgroundService for AuditWriter {
                         break; // every sender is gone
                     }
                     crate::metrics::AUDIT_QUEUE.set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
-                    // Let a burst fill the batch for a few ms before writing.
-                    if batch.len() < BATCH {
-                        tokio::time::sleep(FLUSH_EVERY).await;
-                        while batch.len() < BATCH && let Ok(e) = rx.try_recv() {
-                            batch.push(e);
-                        }
-                    }
+                    self.fill(&mut rx, &mut batch).await;
                     self.write(&batch).await;
                     batch.clear();
                 }
@@ -281,6 +278,18 @@ impl BackgroundService for AuditWriter {
 }
 
 impl AuditWriter {
+    /// Lets a batch grow to `FLUSH_AT` events or for `FLUSH_WINDOW`, whichever comes first.
+    async fn fill(&self, rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>) {
+        let deadline = tokio::time::Instant::now() + FLUSH_WINDOW;
+        while batch.len() < FLUSH_AT {
+            let room = BATCH - batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// After the shutdown signal, requests still in flight keep finishing for the grace
     /// period: keep writing their events until the queue has been quiet for a moment (or the
     /// proxy is gone), so a graceful restart loses no row.

@@ -68,24 +68,32 @@ impl BackgroundService for LeaseRenewer {
             if held.is_empty() {
                 continue;
             }
-            let until = super::now_ms() + LEASE_TTL.as_millis() as u64;
-            let pipe = self.redis.pipeline();
+            let until = super::now_ms() as f64 + LEASE_TTL.as_millis() as f64;
+            // One command per set, not per lease: idle streams cost O(sets) per tick.
+            let mut by_set: HashMap<&str, Vec<(f64, &str)>> = HashMap::new();
             for (member, sets) in &held {
                 for set in sets {
-                    // XX: only renew a lease that still exists (a settled one stays released).
-                    let _ = pipe
-                        .zadd::<(), _, _>(
-                            set.as_str(),
-                            Some(fred::types::SetOptions::XX),
-                            None::<ZOrdering>,
-                            false,
-                            false,
-                            (until as f64, member.as_str()),
-                        )
-                        .await;
-                    // The set itself must outlive its longest-running lease.
-                    let _ = pipe.pexpire::<(), _>(set.as_str(), 600_000, None).await;
+                    by_set
+                        .entry(set.as_str())
+                        .or_default()
+                        .push((until, member.as_str()));
                 }
+            }
+            let pipe = self.redis.pipeline();
+            for (set, members) in by_set {
+                // XX: only renew a lease that still exists (a settled one stays released).
+                let _ = pipe
+                    .zadd::<(), _, _>(
+                        set,
+                        Some(fred::types::SetOptions::XX),
+                        None::<ZOrdering>,
+                        false,
+                        false,
+                        members,
+                    )
+                    .await;
+                // The set itself must outlive its longest-running lease.
+                let _ = pipe.pexpire::<(), _>(set, 600_000, None).await;
             }
             if let Err(e) = pipe.all::<()>().await {
                 warning.warn(|| tracing::warn!(error = %e, "could not renew concurrency leases"));
