@@ -449,10 +449,11 @@ async fn run_admin(settings: Settings, actor: String, command: Command) -> anyho
             let ttl_s = ttl
                 .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
                 .map(|s| {
-                    if s > 0 {
+                    // Ten years: longer is a mistake, and beyond it dates overflow.
+                    if (1..=10 * 366 * 86_400).contains(&s) {
                         Ok(s)
                     } else {
-                        Err(anyhow::anyhow!("--ttl must be at least 1s"))
+                        Err(anyhow::anyhow!("--ttl must be between 1s and 10 years"))
                     }
                 })
                 .transpose()?;

@@ -101,6 +101,8 @@ pub struct RequestCtx {
     /// The UTC day the request was charged to, once it was admitted upstream.
     pub usage_day: Option<chrono::NaiveDate>,
     pub admission: Option<Admission>,
+    /// The upstream answered with a stream (NDJSON or SSE), which must end properly.
+    streaming_response: bool,
     /// Opted-in keys: the request and a bounded copy of the response, for `prompt_log`.
     pub prompt: Option<PromptCapture>,
     limits_checked: bool,
@@ -147,7 +149,10 @@ impl PromptCapture {
                 .map(|_| String::from_utf8_lossy(&self.response).into_owned()),
             format: self.format.map(|f| transcript::format_name(f).to_string()),
             truncated: self.truncated,
-            expires_at: clock::now() + chrono::TimeDelta::seconds(ttl_s),
+            // A TTL beyond chrono's range keeps the row as long as it can be kept.
+            expires_at: chrono::TimeDelta::try_seconds(ttl_s)
+                .and_then(|d| clock::now().checked_add_signed(d))
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
         }
     }
 }
@@ -375,17 +380,16 @@ impl Gateway {
             .await
             .map_err(limit_refusal)?;
         ctx.usage_day = Some(periods.day);
-        if let (Some(cap), Some(route), Some(body)) = (
-            admission.as_ref().and_then(|a| a.clamp_output),
-            ctx.route.as_ref(),
-            ctx.body.as_ref(),
-        ) {
+        let clamp = admission.as_ref().and_then(|a| a.clamp_output);
+        // Held by the CTX first: whatever happens next, `logging` settles it.
+        ctx.admission = admission;
+        if let (Some(cap), Some(route), Some(body)) = (clamp, ctx.route.as_ref(), ctx.body.as_ref())
+        {
             let edits = policy::output_cap_edit(route.kind, body, cap)?;
             if !edits.is_empty() {
                 ctx.body = Some(body::apply_edits(body, &edits)?);
             }
         }
-        ctx.admission = admission;
         Ok(())
     }
 
@@ -586,6 +590,19 @@ fn limit_refusal(e: LimitError) -> GatewayError {
     }
 }
 
+/// The error frame for a stream that ended without its terminator, when that is the case.
+fn unfinished_stream_frame(ctx: &RequestCtx) -> Option<&'static [u8]> {
+    if !ctx.streaming_response {
+        return None;
+    }
+    let scanner = ctx.scanner.as_ref()?;
+    let outcome = scanner.finish(ctx.request_body_len);
+    if outcome.completed || outcome.in_band_error {
+        return None;
+    }
+    accounting::incomplete_stream_frame(scanner.format())
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(200).collect()
 }
@@ -640,6 +657,7 @@ impl ProxyHttp for Gateway {
             event_id: uuid::Uuid::new_v4(),
             usage_day: None,
             admission: None,
+            streaming_response: false,
             prompt: None,
             limits_checked: false,
             outcome: None,
@@ -808,15 +826,21 @@ impl ProxyHttp for Gateway {
                 .get(http::header::CONTENT_TYPE)
                 .map_or(&b""[..], |v| v.as_bytes());
             ctx.scanner = accounting::scanner_for(route.kind, content_type);
+            let event_stream = content_type.starts_with(b"text/event-stream");
+            ctx.streaming_response =
+                event_stream || content_type.starts_with(b"application/x-ndjson");
             if let (Some(capture), Some(scanner)) = (ctx.prompt.as_mut(), ctx.scanner.as_ref())
                 && route.kind.generates_text()
             {
                 capture.format = Some(scanner.format());
             }
-            if ctx.strip_usage && content_type.starts_with(b"text/event-stream") {
-                // The body changes length: it goes out chunked.
-                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+            if ctx.strip_usage && event_stream {
                 ctx.stripper = Some(UsageStripper::new(route.kind == RouteKind::V1Completions));
+            }
+            // The body may change length (the usage event cut out, a closing error frame
+            // added): it goes out chunked.
+            if ctx.streaming_response {
+                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
             }
         }
         let is_listing = ctx.route.as_ref().and_then(Route::listing).is_some();
@@ -890,6 +914,11 @@ impl ProxyHttp for Gateway {
             }
         }
         if end_of_stream {
+            if let Some(frame) = unfinished_stream_frame(ctx) {
+                let mut out = body.take().map(Vec::from).unwrap_or_default();
+                out.extend_from_slice(frame);
+                *body = Some(Bytes::from(out));
+            }
             self.settle_early(ctx);
         }
         if let Some(stripper) = ctx.stripper.as_mut() {
@@ -959,7 +988,17 @@ impl ProxyHttp for Gateway {
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         ));
-        // Once a response has started (a stream cut short), nothing more can be said.
+        // A stream cut short by the upstream: close it in its own framing, so the client
+        // sees an error rather than a truncated answer.
+        if session.response_written().is_some()
+            && let Some(frame) = unfinished_stream_frame(ctx)
+            && let Err(write_err) = session
+                .write_response_body(Some(Bytes::from_static(frame)), true)
+                .await
+        {
+            tracing::debug!(request_id = %ctx.request_id, error = %write_err, "could not close the cut stream");
+        }
+        // Once a response has started, nothing more can be said.
         if session.response_written().is_none()
             && let Err(write_err) =
                 respond::error(session, &err, ctx.surface, &ctx.request_id, headers).await

@@ -262,6 +262,7 @@ fn cut_streams_are_charged_what_was_seen() {
         body,
     );
     assert_eq!(r.status, 200);
+    let failed_body = r.text();
     let l = logged(&s, "failed");
     assert_eq!(l["completion_tokens"], 4);
     assert_eq!(l["stream_completed"], false);
@@ -281,4 +282,39 @@ fn cut_streams_are_charged_what_was_seen() {
     let l = logged(&s, "stopped");
     assert_eq!(l["completion_tokens"], 5);
     assert_eq!(l["usage_reported"], false);
+    // The client is told: the stream closes with an error event in its own framing.
+    assert!(
+        r.text().ends_with(
+            "data: {\"error\":{\"message\":\"upstream stream ended before it was complete\",\"type\":\"api_error\",\"param\":null,\"code\":\"upstream_incomplete\"}}\n\n"
+        ),
+        "{}",
+        r.text()
+    );
+
+    // The native stream above brought its own error line: nothing is added.
+    assert_eq!(failed_body.matches("\"error\"").count(), 1, "{failed_body}");
+
+    // An upstream that drops the connection mid-stream: the client still gets a closed
+    // stream ending in an error line, and the chunks seen are charged.
+    let r = http::post_json(
+        &s.gw.addr,
+        "/api/chat",
+        &[
+            ("Authorization", auth.as_str()),
+            ("X-Request-ID", "aborted"),
+            ("x-sim-fail-after", "3"),
+            ("x-sim-fail-mode", "abort"),
+        ],
+        body,
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text()
+            .ends_with("{\"error\":\"upstream stream ended before it was complete\"}\n"),
+        "{}",
+        r.text()
+    );
+    let l = logged(&s, "aborted");
+    assert_eq!(l["completion_tokens"], 3);
+    assert_eq!(l["stream_completed"], false);
 }

@@ -85,6 +85,22 @@ pub fn scanner_for(route: RouteKind, content_type: &[u8]) -> Option<UsageScanner
     Some(UsageScanner::new(format, embeddings))
 }
 
+/// What a client gets at the end of a stream the upstream left unfinished (no `done: true`,
+/// no `[DONE]`, no `response.completed`, and no error of its own), in the stream's own framing,
+/// so SDKs raise an error instead of taking a truncated answer as complete (SPEC §2).
+pub fn incomplete_stream_frame(format: Format) -> Option<&'static [u8]> {
+    Some(match format {
+        Format::Native => b"{\"error\":\"upstream stream ended before it was complete\"}\n",
+        Format::OpenAiSse => {
+            b"data: {\"error\":{\"message\":\"upstream stream ended before it was complete\",\"type\":\"api_error\",\"param\":null,\"code\":\"upstream_incomplete\"}}\n\n"
+        }
+        Format::ResponsesSse => {
+            b"event: error\ndata: {\"type\":\"error\",\"code\":\"upstream_incomplete\",\"message\":\"upstream stream ended before it was complete\",\"param\":null}\n\n"
+        }
+        Format::OpenAiJson => return None,
+    })
+}
+
 /// The documented prompt estimate: ⌈request body bytes / 4⌉.
 pub fn estimate_prompt_tokens(request_body_bytes: usize) -> u64 {
     (request_body_bytes as u64).div_ceil(4)

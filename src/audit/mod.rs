@@ -9,7 +9,7 @@ pub mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -52,29 +52,36 @@ pub struct AuditEvent {
 /// How much the sidecar still holds: events queued or being written, and spool files waiting
 /// for Postgres. Budget re-seeding waits until this instance's pipeline is empty.
 pub struct Pipeline {
-    pending: AtomicUsize,
+    /// Events handed to the channel so far, and events that left the writer (written, or
+    /// spooled while Postgres is away): a watermark, since the pipeline is never idle at load.
+    enqueued: AtomicU64,
+    written: AtomicU64,
     spool_dir: PathBuf,
 }
 
 impl Pipeline {
     pub fn new(spool_dir: PathBuf) -> Self {
         Self {
-            pending: AtomicUsize::new(0),
+            enqueued: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             spool_dir,
         }
     }
 
     /// `n` events left the writer (written or spooled).
     pub fn done(&self, n: usize) {
-        let _ = self
-            .pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                Some(p.saturating_sub(n))
-            });
+        self.written.fetch_add(n as u64, Ordering::AcqRel);
     }
 
-    pub fn is_idle(&self) -> bool {
-        self.pending.load(Ordering::Acquire) == 0 && writer::spool_files(&self.spool_dir).is_empty()
+    /// How many events have been handed over so far: the mark to wait for.
+    pub fn mark(&self) -> u64 {
+        self.enqueued.load(Ordering::Acquire)
+    }
+
+    /// Every event handed over up to `mark` is in Postgres (written, and no spool waits).
+    pub fn has_written(&self, mark: u64) -> bool {
+        self.written.load(Ordering::Acquire) >= mark
+            && writer::spool_files(&self.spool_dir).is_empty()
     }
 
     pub fn spool_dir(&self) -> &std::path::Path {
@@ -107,7 +114,7 @@ impl AuditSink {
 
     /// Waits for channel space: the client already has its answer, and no event is dropped.
     pub async fn send(&self, event: AuditEvent) {
-        self.pipeline.pending.fetch_add(1, Ordering::AcqRel);
+        self.pipeline.enqueued.fetch_add(1, Ordering::AcqRel);
         if self.tx.send(event).await.is_err() {
             self.pipeline.done(1);
             tracing::error!("audit writer has stopped; an audit event was lost");

@@ -26,14 +26,17 @@ impl PromptRecord {
     /// The request as JSON for the `jsonb` column; a body that is not JSON (it was checked
     /// before forwarding, so this does not happen) is kept as a string.
     pub fn request_json(&self) -> Value {
-        serde_json::from_str(&self.request).unwrap_or_else(|_| Value::String(self.request.clone()))
+        let mut v = serde_json::from_str(&self.request)
+            .unwrap_or_else(|_| Value::String(self.request.clone()));
+        strip_nul_in(&mut v);
+        v
     }
 
     /// The text the response streamed, assembled from its frames.
     pub fn response_text(&self) -> Option<String> {
         let raw = self.response.as_deref()?;
         let format = self.format.as_deref().and_then(format_from_str)?;
-        Some(assemble(format, raw))
+        Some(strip_nul(assemble(format, raw)))
     }
 }
 
@@ -104,6 +107,38 @@ pub fn assemble(format: Format, raw: &str) -> String {
     out
 }
 
+/// Postgres `text` and `jsonb` refuse U+0000; a client's prompt may contain it (`\u0000` is
+/// valid JSON). One such row must not stop the batch it is in: it is dropped from the text.
+fn strip_nul(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "")
+    } else {
+        s
+    }
+}
+
+fn strip_nul_in(v: &mut Value) {
+    match v {
+        Value::String(s) => *s = strip_nul(std::mem::take(s)),
+        Value::Array(items) => items.iter_mut().for_each(strip_nul_in),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                let old = std::mem::take(map);
+                *map = old
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        strip_nul_in(&mut v);
+                        (strip_nul(k), v)
+                    })
+                    .collect();
+            } else {
+                map.values_mut().for_each(strip_nul_in);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn push(out: &mut String, v: &Value) {
     if let Some(s) = v.as_str() {
         out.push_str(s);
@@ -113,6 +148,20 @@ fn push(out: &mut String, v: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_characters_never_reach_postgres() {
+        let r = PromptRecord {
+            request: r#"{"messages":[{"content":"a\u0000b"}],"k\u0000":1}"#.into(),
+            response: Some("{\"response\":\"x\\u0000y\",\"done\":true}".into()),
+            format: Some("native".into()),
+            truncated: false,
+            expires_at: chrono::Utc::now(),
+        };
+        let req = r.request_json().to_string();
+        assert!(!req.contains("\\u0000"), "{req}");
+        assert_eq!(r.response_text().as_deref(), Some("xy"));
+    }
 
     #[test]
     fn assembles_every_surface() {

@@ -42,6 +42,9 @@ const ADMIT_LUA: &str = include_str!("admit.lua");
 /// numbers lose integer precision.
 const MAX_TOKENS: u64 = 1 << 40;
 const SETTLE_LUA: &str = include_str!("settle.lua");
+/// How long a failed settlement is retried (Redis away for longer loses its counters' view of
+/// this request; Postgres still has its usage).
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(3600);
 /// Waits before admitting again when only reservations of requests in flight fill a budget.
 const BUSY_RETRIES: [Duration; 3] = [
     Duration::from_millis(20),
@@ -384,9 +387,14 @@ impl Limiter {
         for b in budgets {
             keys.push(b.target.hash.clone());
             keys.push(format!("{}:res", b.target.hash));
-            args.push(limit_arg(b.limits.budget_daily).to_string());
-            args.push(limit_arg(b.limits.budget_monthly).to_string());
-            args.push(limit_arg(b.limits.budget_total).to_string());
+            // Clamped like every other amount, so Lua arithmetic stays in exact integers.
+            for limit in [
+                b.limits.budget_daily,
+                b.limits.budget_monthly,
+                b.limits.budget_total,
+            ] {
+                args.push(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64))).to_string());
+            }
         }
         let reply: Vec<i64> = match self.admit.evalsha_with_reload(redis, keys, args).await {
             Ok(r) => r,
@@ -597,9 +605,13 @@ impl Limiter {
             return;
         }
         let (settle, leases, member) = (self.settle.clone(), self.leases.clone(), admission.member);
+        // Retried while the lease (and so the reservation) is kept alive: giving up would let
+        // the reservation lapse without the usage ever reaching the counters.
         tokio::spawn(async move {
-            for wait in [1, 2, 4, 8, 15] {
-                tokio::time::sleep(Duration::from_secs(wait)).await;
+            let mut wait = Duration::from_secs(1);
+            let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
+            while tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(wait).await;
                 if settle
                     .evalsha_with_reload::<i64, _, _>(&redis, keys.clone(), args.clone())
                     .await
@@ -607,8 +619,8 @@ impl Limiter {
                 {
                     break;
                 }
+                wait = (wait * 2).min(Duration::from_secs(15));
             }
-            // Given up: the reservation lapses by itself (an over-count until it does).
             leases.release(&member);
         });
     }
@@ -690,6 +702,7 @@ impl Admission {
             self.day.clone(),
             self.month.clone(),
             self.event_id.clone(),
+            now_ms().to_string(),
         ];
         (keys, args)
     }

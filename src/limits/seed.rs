@@ -190,9 +190,11 @@ impl Seeder {
         Ok(())
     }
 
+    /// Waits until every event this instance had queued when the wait began is in Postgres.
     async fn wait_for_pipeline(&self) -> Result<(), SeedError> {
         let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
-        while !self.pipeline.is_idle() {
+        let mark = self.pipeline.mark();
+        while !self.pipeline.has_written(mark) {
             if tokio::time::Instant::now() > deadline {
                 return Err(SeedError::PipelineBusy);
             }

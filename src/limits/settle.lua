@@ -3,7 +3,7 @@
 --       scope (usage hash, reservation set); see admit.lua.
 -- ARGV: 1 token delta for the rate buckets (actual - reserved; may be negative), 2 lease member,
 --       3 number of rate scopes, 4 actual tokens, 5 day stamp and 6 month stamp of the admission,
---       7 event id (names usage settled while counters are being re-seeded)
+--       7 event id (names usage settled while counters are being re-seeded), 8 now ms
 local delta = tonumber(ARGV[1])
 local member = ARGV[2]
 local rates = tonumber(ARGV[3])
@@ -23,8 +23,12 @@ end
 for i = rates * 2 + 1, #KEYS, 2 do
   local h, z = KEYS[i], KEYS[i + 1]
   redis.call('ZREM', z, member)
-  -- Counters lost (Redis restarted): the usage reaches Postgres, which the re-seed reads.
-  if redis.call('EXISTS', h) == 1 then
+  -- Counters lost (Redis restarted): mark them for re-seeding and keep this usage as late, so
+  -- the seed counts it whether or not Postgres has it yet.
+  if redis.call('EXISTS', h) == 0 then
+    redis.call('HSET', h, 'seeding', ARGV[8])
+  end
+  do
     if redis.call('HEXISTS', h, 'seeding') == 1 then
       -- The re-seed adds it unless Postgres already had it when it was read.
       redis.call('HSET', h, 'late:' .. ARGV[7], actual .. ':' .. day .. ':' .. month)
