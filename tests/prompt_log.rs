@@ -151,6 +151,29 @@ fn only_opted_in_keys_are_logged_and_rows_expire() {
         "the audit log has every request, prompt logging or not"
     );
 
+    // A prompt with a NUL character (valid JSON, refused by Postgres text/jsonb) is stored
+    // without it, and the audit pipeline keeps going.
+    post(
+        &g.addr,
+        &logged,
+        "/api/chat",
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"nul\u0000here"}]}"#,
+    );
+    post(&g.addr, &quiet, "/api/chat", chat);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        rows(&e.db, "request->'messages'->0->>'content' = 'nulhere'"),
+        1
+    );
+    assert_eq!(
+        sql_scalar_i64(
+            &e.db,
+            "SELECT count(*)::bigint FROM audit_log WHERE path = '/api/chat' AND status = 200"
+        ),
+        6,
+        "audit rows after the NUL prompt are written"
+    );
+
     // Two hours later the 1 h rows are gone and the 3 h rows are still there.
     let offset = 2 * 3600;
     std::fs::write(&e.clock, offset.to_string()).expect("clock");
