@@ -77,13 +77,20 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
         .and_then(|c| c.parse().ok())
         .expect("status");
     let mut body = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = Vec::new();
         let mut rest = &body[..];
         loop {
-            let nl = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).expect("utf8").trim(), 16)
-                .expect("chunk size");
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size line");
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..nl]).expect("utf8").trim(), 16)
+                    .expect("chunk size");
             if size == 0 {
                 break;
             }
@@ -115,7 +122,14 @@ fn run_counts_requests_and_tokens_against_the_simulator() {
     let out = Command::new(env!("CARGO_BIN_EXE_nz-bench"))
         .args(["run", "--scenario"])
         .arg(&scenario)
-        .args(["--base-url", &format!("http://{addr}"), "--key", "k1,k2", "--json", "--quiet"])
+        .args([
+            "--base-url",
+            &format!("http://{addr}"),
+            "--key",
+            "k1,k2",
+            "--json",
+            "--quiet",
+        ])
         .output()
         .expect("run nz-bench");
     assert!(
@@ -146,10 +160,21 @@ fn closed_loop_stops_at_max_requests() {
     let out = Command::new(env!("CARGO_BIN_EXE_nz-bench"))
         .args(["run", "--scenario"])
         .arg(&scenario)
-        .args(["--base-url", &format!("http://{addr}"), "--key", "k", "--json", "--quiet"])
+        .args([
+            "--base-url",
+            &format!("http://{addr}"),
+            "--key",
+            "k",
+            "--json",
+            "--quiet",
+        ])
         .output()
         .expect("run nz-bench");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     let n = v[0]["summary"]["requests"].as_u64().expect("requests");
     // Each of the 4 workers may have one request in flight when the limit is reached.
@@ -171,7 +196,10 @@ fn passthrough_forwards_byte_identical() {
     let _pass = Running(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(&listen).is_err() {
-        assert!(Instant::now() < deadline, "nz-passthrough did not listen on {listen}");
+        assert!(
+            Instant::now() < deadline,
+            "nz-passthrough did not listen on {listen}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let embed = r#"{"model":"nomic-embed-text","input":["hello","world"]}"#;

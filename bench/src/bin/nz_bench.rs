@@ -14,7 +14,11 @@ use neuronetz_bench::load::scenario::{Mode, Scenario};
 use neuronetz_bench::load::{Load, RunOptions, RunResult, procstat, report, run_scenario};
 
 #[derive(Parser)]
-#[command(name = "nz-bench", version, about = "Load generator for neuronetz-gateway")]
+#[command(
+    name = "nz-bench",
+    version,
+    about = "Load generator for neuronetz-gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -61,7 +65,12 @@ enum Cmd {
         #[arg(long, env = "NZ_BENCH_BASE_URL")]
         base_url: String,
         /// API key(s), comma-separated; requests rotate over them.
-        #[arg(long, env = "NZ_BENCH_KEY", value_delimiter = ',', hide_env_values = true)]
+        #[arg(
+            long,
+            env = "NZ_BENCH_KEY",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
         key: Vec<String>,
         /// File with one API key per line (added to --key).
         #[arg(long)]
@@ -140,7 +149,8 @@ fn load_scenarios(paths: &[PathBuf], o: &Overrides) -> anyhow::Result<Vec<Scenar
 }
 
 fn env_file_value(path: &PathBuf, name: &str) -> anyhow::Result<Option<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text.lines().find_map(|l| {
         let l = l.trim().strip_prefix("export ").unwrap_or(l.trim());
         let v = l.strip_prefix(name)?.strip_prefix('=')?;
@@ -152,8 +162,10 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
@@ -164,7 +176,9 @@ fn machine() -> String {
                     .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             })
         })
-        .map_or("?".to_string(), |kib| format!("{:.1} GiB", kib as f64 / 1048576.0));
+        .map_or("?".to_string(), |kib| {
+            format!("{:.1} GiB", kib as f64 / 1048576.0)
+        });
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cores} cores ({cpu}), {mem} RAM, Linux {}", kernel.trim())
@@ -207,8 +221,14 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let scenarios = load_scenarios(&scenario, &overrides)?;
             if let Some(f) = keys_file {
-                let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-                key.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string));
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                key.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string),
+                );
             }
             key.retain(|k| !k.is_empty());
             if key.is_empty() {
@@ -250,11 +270,13 @@ async fn main() -> anyhow::Result<()> {
             };
             let database_url = match database_url {
                 Some(u) => u,
-                None => from_file("DATABASE_URL")?.context("DATABASE_URL not set (flag, env or --env-file)")?,
+                None => from_file("DATABASE_URL")?
+                    .context("DATABASE_URL not set (flag, env or --env-file)")?,
             };
             let redis_url = match redis_url {
                 Some(u) => u,
-                None => from_file("REDIS_URL")?.context("REDIS_URL not set (flag, env or --env-file)")?,
+                None => from_file("REDIS_URL")?
+                    .context("REDIS_URL not set (flag, env or --env-file)")?,
             };
             let gateway_env = gateway_env
                 .iter()

@@ -8,7 +8,11 @@ use pingora::server::configuration::Opt;
 use pingora::server::{RunArgs, Server};
 
 #[derive(Parser)]
-#[command(name = "nz-passthrough", version, about = "Bare Pingora passthrough proxy (benchmark baseline)")]
+#[command(
+    name = "nz-passthrough",
+    version,
+    about = "Bare Pingora passthrough proxy (benchmark baseline)"
+)]
 struct Cli {
     /// Pingora options (-c/--conf for the same YAML the gateway uses: threads, pools).
     #[command(flatten)]
@@ -28,7 +32,8 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("resolving --upstream {}", cli.upstream))?
         .next()
         .with_context(|| format!("--upstream {} resolves to nothing", cli.upstream))?;
-    let mut server = Server::new(Some(cli.pingora)).map_err(|e| anyhow::anyhow!("pingora conf: {e}"))?;
+    let mut server =
+        Server::new(Some(cli.pingora)).map_err(|e| anyhow::anyhow!("pingora conf: {e}"))?;
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -108,11 +108,11 @@ pub struct RequestSpec<'a> {
 const TAIL: usize = 8 * 1024;
 
 /// Sends one request on `conn` and reads the whole response. Returns the connection when it
-/// can be reused.
+/// can be reused (not when the server said `Connection: close`).
 pub async fn send(mut conn: Conn, spec: &RequestSpec<'_>) -> (Timing, Option<Conn>) {
     match send_inner(&mut conn, spec).await {
-        Ok(t) => {
-            let reusable = conn.is_usable();
+        Ok((t, closing)) => {
+            let reusable = !closing && conn.is_usable();
             (t, reusable.then_some(conn))
         }
         Err(_) => (failed(), None),
@@ -129,9 +129,13 @@ pub fn failed() -> Timing {
     }
 }
 
-async fn send_inner(conn: &mut Conn, spec: &RequestSpec<'_>) -> anyhow::Result<Timing> {
+async fn send_inner(conn: &mut Conn, spec: &RequestSpec<'_>) -> anyhow::Result<(Timing, bool)> {
     let resp = start(conn, spec).await?;
     let status = resp.status().as_u16();
+    let closing = resp
+        .headers()
+        .get(hyper::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let mut body = resp.into_body();
     let mut first_byte = None;
     let mut tail: Vec<u8> = Vec::new();
@@ -149,13 +153,14 @@ async fn send_inner(conn: &mut Conn, spec: &RequestSpec<'_>) -> anyhow::Result<T
             keep_tail(&mut tail, &data);
         }
     }
-    Ok(Timing {
+    let timing = Timing {
         outcome: Outcome::Status(status),
         first_byte,
         done: Instant::now(),
         completion_tokens: completion_tokens(&tail),
         body_bytes,
-    })
+    };
+    Ok((timing, closing))
 }
 
 /// Sends the request and returns the response head with its body still unread.
@@ -194,7 +199,11 @@ fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
 /// Completion tokens from the last usage numbers in a body tail: native `eval_count`, OpenAI
 /// `completion_tokens`, Responses `output_tokens`. The last occurrence wins (final object).
 pub fn completion_tokens(tail: &[u8]) -> u64 {
-    const KEYS: [&[u8]; 3] = [b"\"eval_count\":", b"\"completion_tokens\":", b"\"output_tokens\":"];
+    const KEYS: [&[u8]; 3] = [
+        b"\"eval_count\":",
+        b"\"completion_tokens\":",
+        b"\"output_tokens\":",
+    ];
     let mut best: Option<(usize, u64)> = None;
     for key in KEYS {
         if let Some(pos) = rfind(tail, key) {
@@ -202,7 +211,9 @@ pub fn completion_tokens(tail: &[u8]) -> u64 {
                 .iter()
                 .skip_while(|b| **b == b' ')
                 .take_while(|b| b.is_ascii_digit())
-                .fold(0u64, |acc, d| acc.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+                .fold(0u64, |acc, d| {
+                    acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+                });
             if best.is_none_or(|(p, _)| pos > p) {
                 best = Some((pos, digits));
             }
@@ -215,7 +226,9 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.len() > hay.len() {
         return None;
     }
-    (0..=hay.len() - needle.len()).rev().find(|&i| &hay[i..i + needle.len()] == needle)
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| &hay[i..i + needle.len()] == needle)
 }
 
 /// Waits for the first body byte of a streamed response, then keeps reading (and discarding)
@@ -260,9 +273,15 @@ mod tests {
     #[test]
     fn parses_targets() {
         let t = Target::parse("http://127.0.0.1:8080/").unwrap();
-        assert_eq!((t.authority.as_str(), t.prefix.as_str()), ("127.0.0.1:8080", ""));
+        assert_eq!(
+            (t.authority.as_str(), t.prefix.as_str()),
+            ("127.0.0.1:8080", "")
+        );
         let t = Target::parse("http://gw.internal/ollama").unwrap();
-        assert_eq!((t.authority.as_str(), t.prefix.as_str()), ("gw.internal:80", "/ollama"));
+        assert_eq!(
+            (t.authority.as_str(), t.prefix.as_str()),
+            ("gw.internal:80", "/ollama")
+        );
         assert!(Target::parse("https://x").is_err());
         assert!(Target::parse("ftp://x").is_err());
     }

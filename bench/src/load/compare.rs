@@ -80,7 +80,12 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-async fn wait_port(addr: &str, proc_: &mut Proc, log: &Path, within: Duration) -> anyhow::Result<()> {
+async fn wait_port(
+    addr: &str,
+    proc_: &mut Proc,
+    log: &Path,
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -88,8 +93,20 @@ async fn wait_port(addr: &str, proc_: &mut Proc, log: &Path, within: Duration) -
         }
         if !proc_.alive() || Instant::now() > deadline {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: String = tail.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            bail!("{} did not start listening on {addr}; log {}:\n{tail}", proc_.name, log.display());
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            bail!(
+                "{} did not start listening on {addr}; log {}:\n{tail}",
+                proc_.name,
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -196,7 +213,13 @@ impl Stack {
                 .args(["--listen", &passthrough_addr, "--upstream", &sim_addr]),
             &pass_log,
         )?;
-        wait_port(&passthrough_addr, &mut passthrough, &pass_log, Duration::from_secs(20)).await?;
+        wait_port(
+            &passthrough_addr,
+            &mut passthrough,
+            &pass_log,
+            Duration::from_secs(20),
+        )
+        .await?;
 
         // (c) the gateway, every feature on.
         let gateway_addr = format!("127.0.0.1:{}", free_port()?);
@@ -207,9 +230,18 @@ impl Stack {
             ("REDIS_URL".into(), cfg.redis_url.clone()),
             ("LISTEN_ADDR".into(), gateway_addr.clone()),
             ("METRICS_ADDR".into(), metrics_addr),
-            ("REDIS_KEY_PREFIX".into(), format!("nzbench{}", std::process::id())),
-            ("AUDIT_SPOOL_DIR".into(), dir.join("spool").display().to_string()),
-            ("KEY_CACHE_SECRET".into(), "nz-bench-key-cache-secret-0123456789abcdef".into()),
+            (
+                "REDIS_KEY_PREFIX".into(),
+                format!("nzbench{}", std::process::id()),
+            ),
+            (
+                "AUDIT_SPOOL_DIR".into(),
+                dir.join("spool").display().to_string(),
+            ),
+            (
+                "KEY_CACHE_SECRET".into(),
+                "nz-bench-key-cache-secret-0123456789abcdef".into(),
+            ),
             // The scale scenarios hold 10 000 streams; the default would refuse past 1 024.
             ("UPSTREAM_MAX_INFLIGHT".into(), "200000".into()),
             ("RUST_LOG".into(), "warn".into()),
@@ -228,7 +260,13 @@ impl Stack {
                 .envs(env.iter().map(|(k, v)| (k, v))),
             &gw_log,
         )?;
-        wait_port(&gateway_addr, &mut gateway, &gw_log, Duration::from_secs(90)).await?;
+        wait_port(
+            &gateway_addr,
+            &mut gateway,
+            &gw_log,
+            Duration::from_secs(90),
+        )
+        .await?;
         Ok(Stack {
             dir,
             gateway: Some(gateway),
@@ -263,7 +301,14 @@ impl Stack {
     /// `key_limits` to every key. Returns the keys.
     pub fn provision(&self, tag: &str, s: &Scenario) -> anyhow::Result<Vec<String>> {
         let mut keys = Vec::new();
-        let generous = ["--rpm", "100000000", "--tpm", "100000000000", "--max-concurrent", "1000000"];
+        let generous = [
+            "--rpm",
+            "100000000",
+            "--tpm",
+            "100000000000",
+            "--max-concurrent",
+            "1000000",
+        ];
         for t in 0..s.tenants.max(1) {
             let tenant = format!("{tag}-t{t}");
             self.admin(&["create-tenant", "--name", &tenant, "--allow-all-models"])?;
@@ -289,7 +334,11 @@ impl Stack {
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| key.chars().take(12).collect());
-                let Limits { rpm, tpm, max_concurrent } = s.key_limits.unwrap_or_default();
+                let Limits {
+                    rpm,
+                    tpm,
+                    max_concurrent,
+                } = s.key_limits.unwrap_or_default();
                 let (rpm, tpm, mc) = (
                     rpm.map(|v| v.to_string()),
                     tpm.map(|v| v.to_string()),
@@ -320,15 +369,30 @@ impl Stack {
 pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
     let nofile = procstat::raise_nofile();
     if cfg.scenarios.iter().any(|s| s.mode == Mode::Hold) {
-        let need = cfg.scenarios.iter().flat_map(|s| s.hold_counts.iter()).max().copied().unwrap_or(0) as u64 * 2 + 1000;
+        let need = cfg
+            .scenarios
+            .iter()
+            .flat_map(|s| s.hold_counts.iter())
+            .max()
+            .copied()
+            .unwrap_or(0) as u64
+            * 2
+            + 1000;
         if nofile < need {
-            eprintln!("warning: open-file limit {nofile} is below the {need} the hold scenario needs (ulimit -n)");
+            eprintln!(
+                "warning: open-file limit {nofile} is below the {need} the hold scenario needs (ulimit -n)"
+            );
         }
     }
     let redis = Redis::from_url(&cfg.redis_url)?;
     let pg = Postgres::new(&cfg.database_url);
-    redis.command(&["PING"]).await.context("Redis not reachable")?;
-    pg.counters().await.context("Postgres not reachable with psql")?;
+    redis
+        .command(&["PING"])
+        .await
+        .context("Redis not reachable")?;
+    pg.counters()
+        .await
+        .context("Postgres not reachable with psql")?;
 
     let stack = Stack::start(&cfg).await?;
     eprintln!(
@@ -368,11 +432,14 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
             let load = Arc::new(Load::new(scenario, target.clone(), keys.clone())?);
             warm(&load, label).await?;
             let is_gateway = label == "gateway";
-            let pg_before = if is_gateway {
+            let (stop_monitor, monitor_rx) = tokio::sync::watch::channel(false);
+            let (pg_before, monitor) = if is_gateway {
                 redis.reset_stats().await?;
-                Some(pg.counters().await?)
+                let r = redis.clone();
+                let monitor = tokio::spawn(async move { r.count_round_trips(monitor_rx).await });
+                (Some(pg.counters().await?), Some(monitor))
             } else {
-                None
+                (None, None)
             };
             let opts = RunOptions {
                 label: label.to_string(),
@@ -384,17 +451,26 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
                 // The audit writer batches, and Postgres publishes its counters about once a
                 // second: wait for both.
                 tokio::time::sleep(Duration::from_millis(2500)).await;
+                let _ = stop_monitor.send(true);
+                let round_trips = match monitor {
+                    Some(m) => m.await.map_err(anyhow::Error::from).and_then(|r| r)?,
+                    None => BTreeMap::new(),
+                };
                 let calls: BTreeMap<String, u64> = redis.command_calls().await?;
                 let after = pg.counters().await?;
+                // Everything sent since the counters were reset, warm-up included.
                 let n = if scenario.mode == Mode::Hold {
                     scenario.hold_counts.last().copied().unwrap_or(0) as u64
                 } else {
-                    result.summary.requests
+                    result.summary.sent
                 };
-                result.stores = Some(StoreDelta::new(n, calls, before, after));
+                result.stores = Some(StoreDelta::new(n, calls, round_trips, before, after));
             }
             if cfg.progress {
-                eprintln!("{}", super::report::results_table(std::slice::from_ref(&result)).text());
+                eprintln!(
+                    "{}",
+                    super::report::results_table(std::slice::from_ref(&result)).text()
+                );
             }
             results.push(result);
             tokio::time::sleep(cfg.settle).await;

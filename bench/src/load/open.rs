@@ -31,7 +31,9 @@ pub async fn run(load: Arc<Load>, rate: f64, total: Duration, recorder: Arc<Reco
         let recorder = recorder.clone();
         tasks.spawn(async move {
             // Waiting for a slot is part of the latency (it starts at `intended`).
-            let Ok(_permit) = slots.acquire().await else { return };
+            let Ok(_permit) = slots.acquire().await else {
+                return;
+            };
             recorder.live.inflight.fetch_add(1, Ordering::Relaxed);
             let spec = RequestSpec {
                 target: &load.target,

@@ -23,7 +23,9 @@ pub fn cpu(pid: u32) -> Option<CpuSample> {
     // Field 14 (utime) and 15 (stime) of stat(5); `rest` starts at field 3.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(CpuSample { ticks: utime + stime })
+    Some(CpuSample {
+        ticks: utime + stime,
+    })
 }
 
 /// `(VmRSS, VmHWM)` of `pid` in KiB.
@@ -59,7 +61,11 @@ pub fn delta(pid: u32, before: CpuSample, requests: u64) -> Option<ProcessDelta>
     Some(ProcessDelta {
         pid,
         cpu_seconds: secs,
-        cpu_s_per_1000_req: if requests > 0 { secs * 1000.0 / requests as f64 } else { 0.0 },
+        cpu_s_per_1000_req: if requests > 0 {
+            secs * 1000.0 / requests as f64
+        } else {
+            0.0
+        },
         peak_rss_kib: hwm,
         rss_kib: rss,
     })
@@ -68,14 +74,20 @@ pub fn delta(pid: u32, before: CpuSample, requests: u64) -> Option<ProcessDelta>
 /// Raises this process's open-file limit to its hard limit (children inherit it). Returns the
 /// new soft limit.
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls on a valid, owned struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 0;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 return want.rlim_cur;
             }

@@ -37,7 +37,11 @@ impl Table {
                 .enumerate()
                 .map(|(i, c)| {
                     let w = widths.get(i).copied().unwrap_or(0);
-                    if i == 0 { format!("{c:<w$}") } else { format!("{c:>w$}") }
+                    if i == 0 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join("  ")
@@ -146,9 +150,9 @@ pub fn results_table(results: &[RunResult]) -> Table {
             r.process
                 .as_ref()
                 .map_or("-".to_string(), |p| format!("{:.3}", p.cpu_s_per_1000_req)),
-            r.process
-                .as_ref()
-                .map_or("-".to_string(), |p| format!("{:.1}", p.peak_rss_kib as f64 / 1024.0)),
+            r.process.as_ref().map_or("-".to_string(), |p| {
+                format!("{:.1}", p.peak_rss_kib as f64 / 1024.0)
+            }),
         ]);
     }
     t
@@ -224,8 +228,10 @@ pub fn stores_table(results: &[RunResult]) -> Option<Table> {
         "Gateway store work per request (Redis INFO commandstats delta; Postgres pg_stat_database delta, background work included)",
         &[
             "scenario",
-            "requests",
-            "Redis cmds/req",
+            "requests (incl. warm-up)",
+            "Redis round trips/req",
+            "round trips by command",
+            "Redis cmds/req (incl. in scripts)",
             "by command (per req)",
             "PG xact/req",
             "PG xact",
@@ -240,9 +246,21 @@ pub fn stores_table(results: &[RunResult]) -> Option<Table> {
             .map(|(k, v)| format!("{k} {v:.3}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let trips = st
+            .redis_round_trips_by_command
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         t.rows.push(vec![
             r.scenario.clone(),
             st.requests.to_string(),
+            format!("{:.3}", st.redis_round_trips_per_request),
+            if trips.is_empty() {
+                "-".to_string()
+            } else {
+                trips
+            },
             format!("{:.3}", st.redis_commands_per_request),
             if by.is_empty() { "-".to_string() } else { by },
             format!("{:.4}", st.pg_xact_per_request),
@@ -288,7 +306,8 @@ pub fn hold_table(results: &[RunResult]) -> Option<Table> {
                 s.open.to_string(),
                 s.failed.to_string(),
                 format!("{:.1}", s.open_seconds),
-                s.rss_kib.map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                s.rss_kib
+                    .map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
                 s.kib_per_stream.map_or("-".into(), |v| format!("{v:.1}")),
             ]);
         }

@@ -174,7 +174,10 @@ impl Scenario {
             },
             Mode::Closed => match self.concurrency {
                 Some(c) if c > 0 => {}
-                _ => bail!("scenario {}: closed mode needs `concurrency` > 0", self.name),
+                _ => bail!(
+                    "scenario {}: closed mode needs `concurrency` > 0",
+                    self.name
+                ),
             },
             Mode::Hold => {
                 if self.hold_counts.is_empty() || self.hold_counts.contains(&0) {
@@ -366,14 +369,19 @@ mod tests {
         s.validate().unwrap();
         assert_eq!(s.duration, Duration::from_secs(2));
         let mix = Mix::new(&s.requests).unwrap();
-        let chats = (0..4).filter(|n| mix.pick(*n).route == Route::NativeChat).count();
+        let chats = (0..4)
+            .filter(|n| mix.pick(*n).route == Route::NativeChat)
+            .count();
         assert_eq!(chats, 3);
     }
 
     #[test]
     fn refuses_unknown_route_and_fields() {
         assert!(Route::parse("/api/pull").is_err());
-        assert!(serde_yaml::from_str::<Scenario>("mode: open\nrate: 1\nrequests: []\nbogus: 1\n").is_err());
+        assert!(
+            serde_yaml::from_str::<Scenario>("mode: open\nrate: 1\nrequests: []\nbogus: 1\n")
+                .is_err()
+        );
     }
 
     #[test]

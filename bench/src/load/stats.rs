@@ -81,7 +81,9 @@ impl Recorder {
     pub fn record(&self, intended: Instant, t: &Timing) {
         let ok = matches!(t.outcome, Outcome::Status(s) if (200..300).contains(&s));
         self.live.done.fetch_add(1, Ordering::Relaxed);
-        self.live.tokens.fetch_add(t.completion_tokens, Ordering::Relaxed);
+        self.live
+            .tokens
+            .fetch_add(t.completion_tokens, Ordering::Relaxed);
         if !ok {
             self.live.failed.fetch_add(1, Ordering::Relaxed);
         }
@@ -94,7 +96,9 @@ impl Recorder {
         g.requests += 1;
         g.first_measured.get_or_insert(intended);
         g.last_done = Some(g.last_done.map_or(t.done, |l| l.max(t.done)));
-        let _ = g.latency.record(us(t.done.saturating_duration_since(intended)));
+        let _ = g
+            .latency
+            .record(us(t.done.saturating_duration_since(intended)));
         if let Some(fb) = t.first_byte {
             let _ = g.ttfb.record(us(fb.saturating_duration_since(intended)));
         }
@@ -131,6 +135,7 @@ impl Recorder {
             .collect();
         Summary {
             requests: g.requests,
+            sent: self.live.done.load(Ordering::Relaxed),
             ok: g.ok,
             errors: g.requests - g.ok,
             by_status: g.by_status.clone(),
@@ -172,7 +177,10 @@ pub struct Percentiles {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
+    /// Requests measured (after the warm-up).
     pub requests: u64,
+    /// Requests finished in total, warm-up included.
+    pub sent: u64,
     pub ok: u64,
     pub errors: u64,
     /// Every outcome: HTTP status code, or `transport` (connect/read/write failure).

@@ -67,6 +67,57 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Counts the commands clients send (round trips; commands run inside Lua scripts are
+    /// not counted) with `MONITOR` until `stop` fires. Returns calls by command name.
+    pub async fn count_round_trips(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<BTreeMap<String, u64>> {
+        let stream = TcpStream::connect(&self.addr).await?;
+        let mut conn = BufReader::new(stream);
+        if let Some(p) = &self.password {
+            send(&mut conn, &["AUTH", p]).await?;
+            read_reply(&mut conn).await?;
+        }
+        send(&mut conn, &["MONITOR"]).await?;
+        read_reply(&mut conn).await?;
+        let mut counts = BTreeMap::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            tokio::select! {
+                _ = stop.changed() => break,
+                n = conn.read_line(&mut line) => {
+                    if n? == 0 {
+                        break;
+                    }
+                    if let Some(cmd) = monitor_command(&line) {
+                        *counts.entry(cmd).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// The command of one `MONITOR` line (`+1700000000.1 [0 127.0.0.1:5000] "EVALSHA" ...`),
+/// lower-cased; `None` for commands run by a script (`[0 lua]`) and for the INFO/CONFIG this
+/// module sends.
+fn monitor_command(line: &str) -> Option<String> {
+    let open = line.find('[')?;
+    let close = open + line[open..].find(']')?;
+    if line[open..close].contains("lua") {
+        return None;
+    }
+    let rest = &line[close + 1..];
+    let start = rest.find('"')? + 1;
+    let end = start + rest[start..].find('"')?;
+    let cmd = rest[start..end].to_ascii_lowercase();
+    (cmd != "info" && cmd != "config").then_some(cmd)
+}
+
 async fn send(conn: &mut BufReader<TcpStream>, args: &[&str]) -> anyhow::Result<()> {
     let mut out = format!("*{}\r\n", args.len());
     for a in args {
@@ -150,7 +201,10 @@ impl Postgres {
             .await
             .with_context(|| format!("running {}", self.psql))?;
         if !out.status.success() {
-            bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut parts = text.trim().split('|');
@@ -172,6 +226,10 @@ pub struct StoreDelta {
     pub redis_commands_per_request: f64,
     /// Calls per request by command.
     pub redis_by_command: BTreeMap<String, f64>,
+    /// Commands clients sent (MONITOR, script-internal commands excluded) per request: the
+    /// gateway's Redis round trips.
+    pub redis_round_trips_per_request: f64,
+    pub redis_round_trips_by_command: BTreeMap<String, f64>,
     /// Committed transactions (our own `psql` reads subtracted).
     pub pg_xact_commit: i64,
     pub pg_xact_per_request: f64,
@@ -182,10 +240,17 @@ impl StoreDelta {
     pub fn new(
         requests: u64,
         redis: BTreeMap<String, u64>,
+        round_trips: BTreeMap<String, u64>,
         pg_before: PgCounters,
         pg_after: PgCounters,
     ) -> Self {
-        let per = |n: f64| if requests > 0 { n / requests as f64 } else { 0.0 };
+        let per = |n: f64| {
+            if requests > 0 {
+                n / requests as f64
+            } else {
+                0.0
+            }
+        };
         let total: u64 = redis.values().sum();
         // The `psql` that read `pg_before` committed one transaction of its own.
         let xact = (pg_after.xact_commit - pg_before.xact_commit - 1).max(0);
@@ -193,7 +258,9 @@ impl StoreDelta {
             requests,
             redis_commands: total,
             redis_commands_per_request: per(total as f64),
-            redis_by_command: redis
+            redis_by_command: redis.into_iter().map(|(k, v)| (k, per(v as f64))).collect(),
+            redis_round_trips_per_request: per(round_trips.values().sum::<u64>() as f64),
+            redis_round_trips_by_command: round_trips
                 .into_iter()
                 .map(|(k, v)| (k, per(v as f64)))
                 .collect(),
@@ -218,10 +285,28 @@ mod tests {
     }
 
     #[test]
+    fn reads_monitor_lines() {
+        let top = "+1700000000.123456 [0 127.0.0.1:51234] \"EVALSHA\" \"abc\" \"2\"\r\n";
+        assert_eq!(monitor_command(top).as_deref(), Some("evalsha"));
+        let inner = "+1700000000.123460 [0 lua] \"GET\" \"k\"\r\n";
+        assert_eq!(monitor_command(inner), None);
+        assert_eq!(
+            monitor_command("+1.0 [0 127.0.0.1:1] \"INFO\" \"commandstats\""),
+            None
+        );
+    }
+
+    #[test]
     fn parses_redis_urls() {
-        assert_eq!(Redis::from_url("redis://127.0.0.1:57379").unwrap().addr, "127.0.0.1:57379");
+        assert_eq!(
+            Redis::from_url("redis://127.0.0.1:57379").unwrap().addr,
+            "127.0.0.1:57379"
+        );
         let r = Redis::from_url("redis://:pw@h:1/0").unwrap();
-        assert_eq!((r.addr.as_str(), r.password.as_deref()), ("h:1", Some("pw")));
+        assert_eq!(
+            (r.addr.as_str(), r.password.as_deref()),
+            ("h:1", Some("pw"))
+        );
         assert!(Redis::from_url("http://x").is_err());
     }
 }
