@@ -46,6 +46,9 @@ struct Output {
     /// Print the results as JSON on stdout (instead of the table).
     #[arg(long)]
     json: bool,
+    /// Also write the JSON results to this file.
+    #[arg(long)]
+    json_file: Option<PathBuf>,
     /// Also write a markdown report to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
@@ -189,6 +192,10 @@ fn emit(results: &[RunResult], output: &Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(results)?);
     } else {
         println!("{}", report::text(results));
+    }
+    if let Some(path) = &output.json_file {
+        std::fs::write(path, serde_json::to_string_pretty(results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &output.markdown {
         let args: Vec<String> = std::env::args().collect();
