@@ -185,7 +185,7 @@ impl Stack {
         let sim_log = dir.join("sim.log");
         let mut sim = spawn(
             "ollama-sim",
-            Command::new(bin("ollama-sim")).args(["--listen", "127.0.0.1:0"]),
+            Command::new(bin("ollama-sim")).args(["--listen", "127.0.0.1:0", "--no-record"]),
             &sim_log,
         )?;
         let sim_addr = {

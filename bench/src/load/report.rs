@@ -225,12 +225,12 @@ pub fn comparison_table(results: &[RunResult]) -> Option<Table> {
 /// Redis commands and Postgres transactions per request (gateway runs in compare mode).
 pub fn stores_table(results: &[RunResult]) -> Option<Table> {
     let mut t = Table::new(
-        "Gateway store work per request (Redis INFO commandstats delta; Postgres pg_stat_database delta, background work included)",
+        "Gateway store work per request (Redis: commands clients sent, from MONITOR, and commands executed incl. inside Lua scripts, from INFO commandstats; Postgres: pg_stat_database delta; background work included)",
         &[
             "scenario",
             "requests (incl. warm-up)",
-            "Redis round trips/req",
-            "round trips by command",
+            "Redis cmds sent/req",
+            "sent by command",
             "Redis cmds/req (incl. in scripts)",
             "by command (per req)",
             "PG xact/req",
@@ -247,7 +247,7 @@ pub fn stores_table(results: &[RunResult]) -> Option<Table> {
             .collect::<Vec<_>>()
             .join(", ");
         let trips = st
-            .redis_round_trips_by_command
+            .redis_client_commands_by_command
             .iter()
             .map(|(k, v)| format!("{k} {v:.3}"))
             .collect::<Vec<_>>()
@@ -255,7 +255,7 @@ pub fn stores_table(results: &[RunResult]) -> Option<Table> {
         t.rows.push(vec![
             r.scenario.clone(),
             st.requests.to_string(),
-            format!("{:.3}", st.redis_round_trips_per_request),
+            format!("{:.3}", st.redis_client_commands_per_request),
             if trips.is_empty() {
                 "-".to_string()
             } else {

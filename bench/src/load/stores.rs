@@ -226,10 +226,11 @@ pub struct StoreDelta {
     pub redis_commands_per_request: f64,
     /// Calls per request by command.
     pub redis_by_command: BTreeMap<String, f64>,
-    /// Commands clients sent (MONITOR, script-internal commands excluded) per request: the
-    /// gateway's Redis round trips.
-    pub redis_round_trips_per_request: f64,
-    pub redis_round_trips_by_command: BTreeMap<String, f64>,
+    /// Commands clients sent (MONITOR; script-internal commands excluded) per request. On the
+    /// request path these are the gateway's Redis round trips; background work that pipelines
+    /// several commands counts each of them.
+    pub redis_client_commands_per_request: f64,
+    pub redis_client_commands_by_command: BTreeMap<String, f64>,
     /// Committed transactions (our own `psql` reads subtracted).
     pub pg_xact_commit: i64,
     pub pg_xact_per_request: f64,
@@ -259,8 +260,8 @@ impl StoreDelta {
             redis_commands: total,
             redis_commands_per_request: per(total as f64),
             redis_by_command: redis.into_iter().map(|(k, v)| (k, per(v as f64))).collect(),
-            redis_round_trips_per_request: per(round_trips.values().sum::<u64>() as f64),
-            redis_round_trips_by_command: round_trips
+            redis_client_commands_per_request: per(round_trips.values().sum::<u64>() as f64),
+            redis_client_commands_by_command: round_trips
                 .into_iter()
                 .map(|(k, v)| (k, per(v as f64)))
                 .collect(),
