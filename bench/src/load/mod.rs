@@ -68,6 +68,8 @@ pub struct RunResult {
     pub summary: stats::Summary,
     /// CPU and memory of the process behind the target, when its pid is known.
     pub process: Option<procstat::ProcessDelta>,
+    /// Machine-wide CPU during the measured window (is anything else competing?).
+    pub machine: Option<procstat::MachineDelta>,
     /// Hold mode only.
     pub hold: Option<hold::HoldResult>,
     /// Redis/Postgres counters during the run (compare mode, gateway only).
@@ -92,6 +94,7 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
         warmup_s: scenario.warmup.as_secs_f64(),
         summary: stats::Summary::default(),
         process: None,
+        machine: None,
         hold: None,
         stores: None,
     };
@@ -123,7 +126,7 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
         let pid = opts.pid;
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            pid.and_then(procstat::cpu)
+            (pid.and_then(procstat::cpu), procstat::machine_sample())
         })
     };
     match scenario.mode {
@@ -139,11 +142,13 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
     let _ = progress.send(());
     let elapsed = measure_from.elapsed().max(Duration::from_millis(1));
     result.summary = recorder.summary(elapsed);
-    let before = cpu_before.await.ok().flatten();
+    let (before, machine_before) = cpu_before.await.unwrap_or((None, None));
     result.process = opts
         .pid
         .zip(before)
         .and_then(|(pid, b)| procstat::delta(pid, b, result.summary.requests));
+    let target_cpu = result.process.as_ref().map_or(0.0, |p| p.cpu_seconds);
+    result.machine = machine_before.and_then(|m| procstat::machine_delta(m, target_cpu));
     // Give the progress task a moment to finish its line before the report prints.
     tokio::time::sleep(Duration::from_millis(20)).await;
     result

@@ -28,6 +28,57 @@ pub fn cpu(pid: u32) -> Option<CpuSample> {
     })
 }
 
+/// Busy clock ticks of the whole machine (all CPUs), from the first line of `/proc/stat`:
+/// everything except idle and iowait.
+pub fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let total: u64 = v.iter().take(8).sum();
+    Some(total - v.get(3)? - v.get(4)?)
+}
+
+/// Where the machine's CPU went during a measured window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MachineDelta {
+    /// Busy CPU seconds of the whole machine.
+    pub busy_cpu_s: f64,
+    /// CPU seconds of this load generator.
+    pub loadgen_cpu_s: f64,
+    /// Busy minus the load generator minus the target process: simulator, stores and any
+    /// other load on the machine.
+    pub rest_cpu_s: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MachineSample {
+    busy: u64,
+    own: u64,
+}
+
+pub fn machine_sample() -> Option<MachineSample> {
+    Some(MachineSample {
+        busy: machine_busy_ticks()?,
+        own: cpu(std::process::id())?.ticks,
+    })
+}
+
+pub fn machine_delta(before: MachineSample, target_cpu_s: f64) -> Option<MachineDelta> {
+    let after = machine_sample()?;
+    let hz = clock_ticks_per_sec() as f64;
+    let busy = after.busy.saturating_sub(before.busy) as f64 / hz;
+    let own = after.own.saturating_sub(before.own) as f64 / hz;
+    Some(MachineDelta {
+        busy_cpu_s: busy,
+        loadgen_cpu_s: own,
+        rest_cpu_s: (busy - own - target_cpu_s).max(0.0),
+    })
+}
+
 /// `(VmRSS, VmHWM)` of `pid` in KiB.
 pub fn memory(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

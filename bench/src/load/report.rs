@@ -121,6 +121,7 @@ pub fn results_table(results: &[RunResult]) -> Table {
             "non-2xx/failed",
             "CPU s/1k req",
             "peak RSS MiB",
+            "box CPU s: target/nz-bench/rest",
         ],
     );
     for r in results.iter().filter(|r| r.mode != Mode::Hold) {
