@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 set -u
-cd /work/bench-wt
+cd "$(dirname "$0")/../../.."
 O=${O:-/tmp/nzperf}; mkdir -p $O
 target/release/nz-bench compare --env-file target/nz-stores/env --scenario bench/scenarios/chat-stream.yaml --targets passthrough,gateway --quiet --json-file $O/stat-run.json > $O/stat-compare.txt 2> $O/stat-compare.err &
 CMP=$!
