@@ -20,8 +20,13 @@ impl Drop for Running {
 }
 
 fn start_sim() -> (Running, String) {
+    start_sim_with(&[])
+}
+
+fn start_sim_with(args: &[&str]) -> (Running, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ollama-sim"))
         .args(["--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -225,4 +230,20 @@ fn passthrough_forwards_byte_identical() {
         .collect();
     assert_eq!(lines.last().expect("last")["done"], Value::Bool(true));
     assert_eq!(lines.last().expect("last")["eval_count"].as_u64(), Some(8));
+}
+
+#[test]
+fn sim_without_recording_still_counts() {
+    let (_sim, addr) = start_sim_with(&["--no-record"]);
+    let embed = r#"{"model":"nomic-embed-text","input":"hello"}"#;
+    assert_eq!(http(&addr, "POST", "/api/embed", embed).0, 200);
+    let (status, log) = http(&addr, "GET", "/__sim/requests", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&log).expect("log"),
+        serde_json::json!([])
+    );
+    let (_, stats) = http(&addr, "GET", "/__sim/stats", "");
+    let stats: Value = serde_json::from_slice(&stats).expect("stats");
+    assert_eq!(stats["requests"].as_u64(), Some(1), "{stats}");
 }

@@ -192,7 +192,6 @@ pub fn comparison_table(results: &[RunResult]) -> Option<Table> {
         let pass = find("passthrough");
         for target in ["passthrough", "gateway"] {
             let Some(r) = find(target) else { continue };
-            let s = &r.summary;
             let vs = |base: Option<&RunResult>, f: &dyn Fn(&RunResult) -> f64| {
                 base.map_or("-".to_string(), |b| ratio(f(r), f(b)))
             };
@@ -217,7 +216,6 @@ pub fn comparison_table(results: &[RunResult]) -> Option<Table> {
                 added(b, &|x| x.summary.ttfb_ms.p99),
                 vs(b, &cpu),
             ]);
-            let _ = s;
         }
     }
     (!t.rows.is_empty()).then_some(t)

@@ -140,6 +140,10 @@ async fn read_reply(conn: &mut BufReader<TcpStream>) -> anyhow::Result<String> {
             if n < 0 {
                 return Ok(String::new());
             }
+            // INFO replies are a few KiB; refuse anything absurd instead of allocating it.
+            if n > 64 << 20 {
+                bail!("Redis bulk reply of {n} bytes is too large");
+            }
             let mut buf = vec![0u8; n as usize + 2];
             conn.read_exact(&mut buf).await?;
             buf.truncate(n as usize);
