@@ -89,6 +89,15 @@ enum Cmd {
         #[command(flatten)]
         output: Output,
     },
+    /// Re-render the tables (terminal, markdown, SPEC §14 checks) from JSON results saved with
+    /// --json-file or --json.
+    Report {
+        /// JSON result files; their results are shown together.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Start the simulator, the bare passthrough and the gateway and run the scenarios against
     /// each, back to back; print ratios. Needs Postgres and Redis (DATABASE_URL, REDIS_URL).
     Compare {
@@ -252,6 +261,17 @@ async fn main() -> anyhow::Result<()> {
                     pid,
                 };
                 results.push(run_scenario(s, load, &opts).await);
+            }
+            emit(&results, &output)
+        }
+        Cmd::Report { files, output } => {
+            let mut results: Vec<RunResult> = Vec::new();
+            for f in &files {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                let mut r: Vec<RunResult> = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not nz-bench JSON results", f.display()))?;
+                results.append(&mut r);
             }
             emit(&results, &output)
         }

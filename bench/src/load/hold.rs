@@ -14,7 +14,7 @@ use super::Load;
 use super::client::{self, Conn, RequestSpec};
 use super::procstat;
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct HoldStep {
     /// Streams asked for at this step.
     pub streams: usize,
@@ -29,7 +29,7 @@ pub struct HoldStep {
     pub kib_per_stream: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct HoldResult {
     pub steps: Vec<HoldStep>,
     /// RSS of the proxy after the largest step was held for `held_seconds`, KiB.

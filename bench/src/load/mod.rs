@@ -56,7 +56,7 @@ impl Load {
 }
 
 /// The result of one scenario against one target.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunResult {
     pub scenario: String,
     /// What was measured: `sim`, `passthrough`, `gateway`, or the base URL.
@@ -65,6 +65,9 @@ pub struct RunResult {
     pub rate: Option<f64>,
     pub concurrency: Option<usize>,
     pub warmup_s: f64,
+    /// Whether the SPEC §14 checks apply to this scenario.
+    #[serde(default = "default_true")]
+    pub spec_checks: bool,
     pub summary: stats::Summary,
     /// CPU and memory of the process behind the target, when its pid is known.
     pub process: Option<procstat::ProcessDelta>,
@@ -74,6 +77,10 @@ pub struct RunResult {
     pub hold: Option<hold::HoldResult>,
     /// Redis/Postgres counters during the run (compare mode, gateway only).
     pub stores: Option<stores::StoreDelta>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 pub struct RunOptions {
@@ -92,6 +99,7 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
         rate: scenario.rate,
         concurrency: scenario.concurrency,
         warmup_s: scenario.warmup.as_secs_f64(),
+        spec_checks: scenario.spec_checks,
         summary: stats::Summary::default(),
         process: None,
         machine: None,

@@ -43,7 +43,7 @@ pub fn machine_busy_ticks() -> Option<u64> {
 }
 
 /// Where the machine's CPU went during a measured window.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct MachineDelta {
     /// Busy CPU seconds of the whole machine.
     pub busy_cpu_s: f64,
@@ -93,7 +93,7 @@ pub fn memory(pid: u32) -> Option<(u64, u64)> {
 }
 
 /// What a process spent during a measured window.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct ProcessDelta {
     pub pid: u32,
     pub cpu_seconds: f64,

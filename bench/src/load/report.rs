@@ -325,12 +325,116 @@ pub fn hold_table(results: &[RunResult]) -> Option<Table> {
     (!t.rows.is_empty()).then_some(t)
 }
 
+/// SPEC §14 targets, checked for every scenario that ran against both the passthrough and the
+/// gateway: fixed-rate (open loop) scenarios for CPU, latency, TTFB and store work; closed-loop
+/// scenarios for saturated throughput.
+pub fn targets_table(results: &[RunResult]) -> Option<Table> {
+    let mut t = Table::new(
+        "SPEC §14 targets (gateway vs passthrough)",
+        &["scenario", "check", "target", "measured", "verdict"],
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" }.to_string();
+    let mut seen: Vec<&str> = Vec::new();
+    for r in results {
+        if r.mode == Mode::Hold || !r.spec_checks || seen.contains(&r.scenario.as_str()) {
+            continue;
+        }
+        seen.push(&r.scenario);
+        let find = |t: &str| {
+            results
+                .iter()
+                .find(|x| x.scenario == r.scenario && x.target == t)
+        };
+        let (Some(pass), Some(gw)) = (find("passthrough"), find("gateway")) else {
+            continue;
+        };
+        let name = r.scenario.clone();
+        let mut row = |check: &str, target: &str, measured: String, ok: bool| {
+            t.rows.push(vec![
+                name.clone(),
+                check.to_string(),
+                target.to_string(),
+                measured,
+                verdict(ok),
+            ]);
+        };
+        let (ps, gs) = (&pass.summary, &gw.summary);
+        match r.mode {
+            Mode::Open => {
+                let cpu = |x: &RunResult| x.process.as_ref().map(|p| p.cpu_s_per_1000_req);
+                if let (Some(c_gw), Some(c_pass)) = (cpu(gw), cpu(pass))
+                    && c_pass > 0.0
+                {
+                    let ratio = c_gw / c_pass;
+                    row(
+                        "CPU per request",
+                        "<= 1.2x",
+                        format!("{ratio:.2}x"),
+                        ratio <= 1.2,
+                    );
+                }
+                let added = gs.latency_ms.p99 - ps.latency_ms.p99;
+                row(
+                    "added p99",
+                    "< 1 ms",
+                    format!("{added:+.3} ms"),
+                    added < 1.0,
+                );
+                let ttfb = gs.ttfb_ms.p50 - ps.ttfb_ms.p50;
+                row(
+                    "added TTFB p50",
+                    "<= 0.5 ms",
+                    format!("{ttfb:+.3} ms"),
+                    ttfb <= 0.5,
+                );
+                if let Some(st) = &gw.stores {
+                    // Request-path round trips are the EVALSHA calls; background lease renewal
+                    // adds pipelined ZADD/PEXPIRE, reported but not counted here.
+                    let total = st.redis_client_commands_per_request;
+                    let trips = st
+                        .redis_client_commands_by_command
+                        .get("evalsha")
+                        .copied()
+                        .unwrap_or(total);
+                    row(
+                        "Redis round trips per request (EVALSHA)",
+                        "<= 2 (1 before, 1 after)",
+                        format!("{trips:.3} (all commands sent: {total:.3})"),
+                        trips <= 2.0 + 1e-9,
+                    );
+                    let pg = st.pg_xact_per_request;
+                    row(
+                        "Postgres transactions per request",
+                        "< 0.05",
+                        format!("{pg:.4}"),
+                        pg < 0.05,
+                    );
+                }
+            }
+            Mode::Closed => {
+                if ps.rps > 0.0 {
+                    let ratio = gs.rps / ps.rps;
+                    row(
+                        "saturated throughput",
+                        ">= 0.85x",
+                        format!("{ratio:.2}x"),
+                        ratio >= 0.85,
+                    );
+                }
+            }
+            Mode::Hold => {}
+        }
+    }
+    (!t.rows.is_empty()).then_some(t)
+}
+
 pub fn all_tables(results: &[RunResult]) -> Vec<Table> {
     let mut v = Vec::new();
     if results.iter().any(|r| r.mode != Mode::Hold) {
         v.push(results_table(results));
     }
     v.extend(comparison_table(results));
+    v.extend(targets_table(results));
     v.extend(stores_table(results));
     v.extend(hold_table(results));
     v
@@ -351,4 +455,75 @@ pub fn markdown(results: &[RunResult], header: &str) -> String {
         out.push_str(&t.markdown());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::procstat::ProcessDelta;
+    use crate::load::stats::{Percentiles, Summary};
+
+    fn result(target: &str, mode: Mode, rps: f64, p99: f64, cpu: f64) -> RunResult {
+        RunResult {
+            scenario: "s".into(),
+            target: target.into(),
+            mode,
+            rate: Some(100.0),
+            concurrency: None,
+            warmup_s: 0.0,
+            spec_checks: true,
+            summary: Summary {
+                requests: 100,
+                rps,
+                latency_ms: Percentiles {
+                    p50: 1.0,
+                    p99,
+                    ..Percentiles::default()
+                },
+                ttfb_ms: Percentiles {
+                    p50: 0.5,
+                    ..Percentiles::default()
+                },
+                ..Summary::default()
+            },
+            process: Some(ProcessDelta {
+                cpu_s_per_1000_req: cpu,
+                ..ProcessDelta::default()
+            }),
+            machine: None,
+            hold: None,
+            stores: None,
+        }
+    }
+
+    #[test]
+    fn targets_compare_gateway_with_passthrough() {
+        let results = vec![
+            result("sim", Mode::Open, 100.0, 1.0, 0.1),
+            result("passthrough", Mode::Open, 100.0, 2.0, 0.2),
+            result("gateway", Mode::Open, 100.0, 3.5, 0.22),
+        ];
+        let t = targets_table(&results).unwrap();
+        let cpu = t.rows.iter().find(|r| r[1] == "CPU per request").unwrap();
+        assert_eq!((cpu[3].as_str(), cpu[4].as_str()), ("1.10x", "met"));
+        let p99 = t.rows.iter().find(|r| r[1] == "added p99").unwrap();
+        assert_eq!((p99[3].as_str(), p99[4].as_str()), ("+1.500 ms", "MISSED"));
+        let cmp = comparison_table(&results).unwrap();
+        assert_eq!(cmp.rows.len(), 2);
+        assert!(cmp.markdown().contains("| s / gateway |"));
+    }
+
+    #[test]
+    fn closed_loop_checks_throughput_only() {
+        let results = vec![
+            result("passthrough", Mode::Closed, 1000.0, 2.0, 0.2),
+            result("gateway", Mode::Closed, 900.0, 9.0, 0.9),
+        ];
+        let t = targets_table(&results).unwrap();
+        assert_eq!(t.rows.len(), 1);
+        assert_eq!(
+            (t.rows[0][3].as_str(), t.rows[0][4].as_str()),
+            ("0.90x", "met")
+        );
+    }
 }

@@ -59,6 +59,10 @@ pub struct Scenario {
     /// `hold` mode: concurrent stream counts to step through, ascending.
     #[serde(default)]
     pub hold_counts: Vec<usize>,
+    /// `compare`: check this scenario against the SPEC §14 targets (off for scenarios that
+    /// measure something else, like a burst of refusals).
+    #[serde(default = "yes")]
+    pub spec_checks: bool,
     /// `hold` mode: how long to keep the largest count open before the second sample.
     #[serde(default = "default_hold", with = "humantime_serde_lite")]
     pub hold_for: Duration,
@@ -106,6 +110,9 @@ fn default_max_inflight() -> usize {
 }
 fn default_prompt_bytes() -> usize {
     64
+}
+fn yes() -> bool {
+    true
 }
 fn one() -> usize {
     1

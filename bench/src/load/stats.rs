@@ -165,7 +165,7 @@ impl Recorder {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
@@ -175,7 +175,7 @@ pub struct Percentiles {
     pub mean: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Requests measured (after the warm-up).
     pub requests: u64,

@@ -223,7 +223,7 @@ impl Postgres {
 }
 
 /// Store work during a run, per measured request.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct StoreDelta {
     pub requests: u64,
     pub redis_commands: u64,
