@@ -123,6 +123,10 @@ enum Cmd {
         /// Extra gateway setting NAME=VALUE (repeatable).
         #[arg(long = "gateway-env")]
         gateway_env: Vec<String>,
+        /// Do not count the gateway's Redis commands with MONITOR (MONITOR costs Redis CPU;
+        /// INFO commandstats is still read).
+        #[arg(long)]
+        no_redis_monitor: bool,
         /// Pause between runs.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         settle: Duration,
@@ -285,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
             threads,
             gateway_env,
             settle,
+            no_redis_monitor,
             overrides,
             output,
         } => {
@@ -328,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
                 progress: !output.quiet,
                 gateway_env,
                 settle,
+                redis_monitor: !no_redis_monitor,
             })
             .await?;
             emit(&results, &output)

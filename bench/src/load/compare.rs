@@ -31,6 +31,8 @@ pub struct CompareConfig {
     pub gateway_env: Vec<(String, String)>,
     /// Pause between targets, so one run's tail does not overlap the next.
     pub settle: Duration,
+    /// Count the commands the gateway sends to Redis with MONITOR (costs Redis some CPU).
+    pub redis_monitor: bool,
 }
 
 /// A child process started here; stopped (SIGTERM, then SIGKILL) by its own pid on drop.
@@ -435,9 +437,11 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
             let (stop_monitor, monitor_rx) = tokio::sync::watch::channel(false);
             let (pg_before, monitor) = if is_gateway {
                 redis.reset_stats().await?;
-                let r = redis.clone();
-                let monitor = tokio::spawn(async move { r.count_round_trips(monitor_rx).await });
-                (Some(pg.counters().await?), Some(monitor))
+                let monitor = cfg.redis_monitor.then(|| {
+                    let r = redis.clone();
+                    tokio::spawn(async move { r.count_round_trips(monitor_rx).await })
+                });
+                (Some(pg.counters().await?), monitor)
             } else {
                 (None, None)
             };
