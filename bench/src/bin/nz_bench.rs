@@ -127,6 +127,10 @@ enum Cmd {
         /// INFO commandstats is still read).
         #[arg(long)]
         no_redis_monitor: bool,
+        /// Keep the temporary directory with the processes' logs after a successful run (it
+        /// is always kept when the comparison fails).
+        #[arg(long)]
+        keep_logs: bool,
         /// Pause between runs.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         settle: Duration,
@@ -290,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
             gateway_env,
             settle,
             no_redis_monitor,
+            keep_logs,
             overrides,
             output,
         } => {
@@ -334,6 +339,7 @@ async fn main() -> anyhow::Result<()> {
                 gateway_env,
                 settle,
                 redis_monitor: !no_redis_monitor,
+                keep_logs,
             })
             .await?;
             emit(&results, &output)

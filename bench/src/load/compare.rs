@@ -33,6 +33,9 @@ pub struct CompareConfig {
     pub settle: Duration,
     /// Count the commands the gateway sends to Redis with MONITOR (costs Redis some CPU).
     pub redis_monitor: bool,
+    /// Keep the temporary directory (logs, conf, audit spool) after a successful run; it is
+    /// always kept after a failure.
+    pub keep_logs: bool,
 }
 
 /// A child process started here; stopped (SIGTERM, then SIGKILL) by its own pid on drop.
@@ -480,7 +483,13 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
             tokio::time::sleep(cfg.settle).await;
         }
     }
+    let dir = stack.dir.clone();
     drop(stack);
+    if cfg.keep_logs {
+        eprintln!("logs kept in {}", dir.display());
+    } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+        eprintln!("could not remove {}: {e}", dir.display());
+    }
     Ok(results)
 }
 
