@@ -52,10 +52,25 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nz-bench-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir.join(name)
+/// A scenario file in a directory of its own, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn scenario(name: &str, yaml: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("nz-bench-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let file = dir.join("scenario.yaml");
+        std::fs::write(&file, yaml).expect("write scenario");
+        Scratch(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and the de-chunked body.
@@ -111,10 +126,9 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
 fn run_counts_requests_and_tokens_against_the_simulator() {
     let (_sim, addr) = start_sim();
     let chunks = 5;
-    let scenario = scratch("mix.yaml");
-    std::fs::write(
-        &scenario,
-        format!(
+    let scenario = Scratch::scenario(
+        "mix",
+        &format!(
             "mode: open\nrate: 100\nduration: 2s\nwarmup: 0s\nrequests:\n  \
              - {{route: /api/chat, stream: true, weight: 2}}\n  \
              - {{route: /api/generate, stream: false}}\n  \
@@ -122,11 +136,10 @@ fn run_counts_requests_and_tokens_against_the_simulator() {
              - {{route: /v1/completions, stream: false}}\n  \
              - {{route: /v1/responses, stream: true}}\nsim: {{chunks: {chunks}, chunk_delay_ms: 0}}\n"
         ),
-    )
-    .expect("write scenario");
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_nz-bench"))
         .args(["run", "--scenario"])
-        .arg(&scenario)
+        .arg(&scenario.0)
         .args([
             "--base-url",
             &format!("http://{addr}"),
@@ -156,15 +169,13 @@ fn run_counts_requests_and_tokens_against_the_simulator() {
 #[test]
 fn closed_loop_stops_at_max_requests() {
     let (_sim, addr) = start_sim();
-    let scenario = scratch("closed.yaml");
-    std::fs::write(
-        &scenario,
+    let scenario = Scratch::scenario(
+        "closed",
         "mode: closed\nconcurrency: 4\nduration: 60s\nmax_requests: 50\nrequests:\n  - {route: /api/embed}\n",
-    )
-    .expect("write scenario");
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_nz-bench"))
         .args(["run", "--scenario"])
-        .arg(&scenario)
+        .arg(&scenario.0)
         .args([
             "--base-url",
             &format!("http://{addr}"),
