@@ -104,6 +104,11 @@ pub struct Args {
     /// Version reported by `/api/version`.
     #[arg(long, default_value = "0.12.0")]
     pub version_string: String,
+
+    /// Do not keep the request log (`/__sim/requests` stays empty; `/__sim/stats` still
+    /// counts). For load tests: the log holds every body and grows without bound.
+    #[arg(long)]
+    pub no_record: bool,
 }
 
 pub use server::run;

@@ -505,23 +505,27 @@ pub async fn handle(
     }
     let route = match_route(path);
     let fields = Fields::parse(&body).ok();
-    st.record(Recorded {
-        method: parts.method.to_string(),
-        path: path.to_string(),
-        query: parts.uri.query().map(str::to_string),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-        model: recorded_model(route.as_ref().map(|(r, _)| r), fields.as_ref()),
-    });
+    if st.args.no_record {
+        st.total.fetch_add(1, Ordering::SeqCst);
+    } else {
+        st.record(Recorded {
+            method: parts.method.to_string(),
+            path: path.to_string(),
+            query: parts.uri.query().map(str::to_string),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            model: recorded_model(route.as_ref().map(|(r, _)| r), fields.as_ref()),
+        });
+    }
     // Created before any awaiting so a client that leaves while we wait
     // (headers delay, non-stream generation) is still counted correctly.
     let guard = InflightGuard::new(st.inflight.clone());

@@ -1,0 +1,161 @@
+//! CPU time and memory of a local process from `/proc` (Linux only): utime+stime in clock
+//! ticks (`sysconf(_SC_CLK_TCK)`), `VmRSS` and `VmHWM` in KiB.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    pub ticks: u64,
+}
+
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// utime + stime of `pid` (all its threads), in clock ticks.
+pub fn cpu(pid: u32) -> Option<CpuSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 14 (utime) and 15 (stime) of stat(5); `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(CpuSample {
+        ticks: utime + stime,
+    })
+}
+
+/// Busy clock ticks of the whole machine (all CPUs), from the first line of `/proc/stat`:
+/// everything except idle and iowait.
+pub fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let total: u64 = v.iter().take(8).sum();
+    Some(total - v.get(3)? - v.get(4)?)
+}
+
+/// Where the machine's CPU went during a measured window.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct MachineDelta {
+    /// Busy CPU seconds of the whole machine.
+    pub busy_cpu_s: f64,
+    /// CPU seconds of this load generator.
+    pub loadgen_cpu_s: f64,
+    /// Busy minus the load generator minus the target process: simulator, stores and any
+    /// other load on the machine.
+    pub rest_cpu_s: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MachineSample {
+    busy: u64,
+    own: u64,
+}
+
+pub fn machine_sample() -> Option<MachineSample> {
+    Some(MachineSample {
+        busy: machine_busy_ticks()?,
+        own: cpu(std::process::id())?.ticks,
+    })
+}
+
+pub fn machine_delta(before: MachineSample, target_cpu_s: f64) -> Option<MachineDelta> {
+    let after = machine_sample()?;
+    let hz = clock_ticks_per_sec() as f64;
+    let busy = after.busy.saturating_sub(before.busy) as f64 / hz;
+    let own = after.own.saturating_sub(before.own) as f64 / hz;
+    Some(MachineDelta {
+        busy_cpu_s: busy,
+        loadgen_cpu_s: own,
+        rest_cpu_s: (busy - own - target_cpu_s).max(0.0),
+    })
+}
+
+/// `(VmRSS, VmHWM)` of `pid` in KiB.
+pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// What a process spent during a measured window.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct ProcessDelta {
+    pub pid: u32,
+    pub cpu_seconds: f64,
+    /// CPU seconds per 1 000 measured requests.
+    pub cpu_s_per_1000_req: f64,
+    /// Peak RSS of the process since it started (VmHWM), KiB.
+    pub peak_rss_kib: u64,
+    /// RSS at the end of the window, KiB.
+    pub rss_kib: u64,
+}
+
+pub fn delta(pid: u32, before: CpuSample, requests: u64) -> Option<ProcessDelta> {
+    let after = cpu(pid)?;
+    let (rss, hwm) = memory(pid)?;
+    let secs = after.ticks.saturating_sub(before.ticks) as f64 / clock_ticks_per_sec() as f64;
+    Some(ProcessDelta {
+        pid,
+        cpu_seconds: secs,
+        cpu_s_per_1000_req: if requests > 0 {
+            secs * 1000.0 / requests as f64
+        } else {
+            0.0
+        },
+        peak_rss_kib: hwm,
+        rss_kib: rss,
+    })
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it). Returns the
+/// new soft limit.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let me = std::process::id();
+        assert!(cpu(me).is_some());
+        let (rss, hwm) = memory(me).unwrap();
+        assert!(rss > 0 && hwm >= rss);
+    }
+}

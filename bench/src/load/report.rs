@@ -1,0 +1,529 @@
+//! Reports: the same tables rendered for the terminal and as markdown, plus JSON of the raw
+//! results.
+
+use std::fmt::Write;
+
+use super::RunResult;
+use super::scenario::Mode;
+
+/// A plain table: rendered aligned for the terminal or as a markdown table.
+pub struct Table {
+    pub title: String,
+    pub headers: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(title: impl Into<String>, headers: &[&str]) -> Self {
+        Table {
+            title: title.into(),
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate() {
+                if let Some(w) = widths.get_mut(i) {
+                    *w = (*w).max(c.chars().count());
+                }
+            }
+        }
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let w = widths.get(i).copied().unwrap_or(0);
+                    if i == 0 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        let mut out = format!("{}\n", self.title);
+        out.push_str(&line(&self.headers));
+        out.push('\n');
+        let total: usize = widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1);
+        out.push_str(&"-".repeat(total));
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&line(r));
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = format!("**{}**\n\n| {} |\n|", self.title, self.headers.join(" | "));
+        for i in 0..self.headers.len() {
+            out.push_str(if i == 0 { " --- |" } else { " ---: |" });
+        }
+        out.push('\n');
+        for r in &self.rows {
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
+        out
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a.is_finite() {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".to_string()
+    }
+}
+
+fn signed_ms(v: f64) -> String {
+    format!("{}{}", if v >= 0.0 { "+" } else { "" }, ms(v))
+}
+
+fn mode_label(r: &RunResult) -> String {
+    match r.mode {
+        Mode::Open => format!("open {} rps", r.rate.unwrap_or(0.0)),
+        Mode::Closed => format!("closed c={}", r.concurrency.unwrap_or(0)),
+        Mode::Hold => "hold".to_string(),
+    }
+}
+
+/// One row per result: throughput, latency, TTFB, tokens, errors, process cost.
+pub fn results_table(results: &[RunResult]) -> Table {
+    let mut t = Table::new(
+        "Results (latency in ms; CPU = utime+stime of the target process)",
+        &[
+            "scenario / target",
+            "mode",
+            "requests",
+            "req/s",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "TTFB p50",
+            "TTFB p99",
+            "tok/s",
+            "non-2xx/failed",
+            "CPU s/1k req",
+            "peak RSS MiB",
+            "box CPU s: target/nz-bench/rest",
+        ],
+    );
+    for r in results.iter().filter(|r| r.mode != Mode::Hold) {
+        let s = &r.summary;
+        let errors = if s.errors_by_status.is_empty() {
+            "0".to_string()
+        } else {
+            s.errors_by_status
+                .iter()
+                .map(|(k, v)| format!("{k}:{v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        t.rows.push(vec![
+            format!("{} / {}", r.scenario, r.target),
+            mode_label(r),
+            s.requests.to_string(),
+            format!("{:.0}", s.rps),
+            ms(s.latency_ms.p50),
+            ms(s.latency_ms.p90),
+            ms(s.latency_ms.p99),
+            ms(s.latency_ms.p999),
+            ms(s.ttfb_ms.p50),
+            ms(s.ttfb_ms.p99),
+            format!("{:.0}", s.tokens_per_s),
+            errors,
+            r.process
+                .as_ref()
+                .map_or("-".to_string(), |p| format!("{:.3}", p.cpu_s_per_1000_req)),
+            r.process.as_ref().map_or("-".to_string(), |p| {
+                format!("{:.1}", p.peak_rss_kib as f64 / 1024.0)
+            }),
+        ]);
+    }
+    t
+}
+
+/// For each scenario run against several targets: the passthrough and the gateway as ratios to
+/// the simulator (a) and the passthrough (b), and latency added over each.
+pub fn comparison_table(results: &[RunResult]) -> Option<Table> {
+    let mut t = Table::new(
+        "Comparison: ratios to (a) the simulator directly and (b) the bare passthrough; added = this target minus that one, ms",
+        &[
+            "scenario / target",
+            "req/s vs a",
+            "req/s vs b",
+            "p50 vs a",
+            "p99 vs a",
+            "p99 vs b",
+            "added p50 vs a",
+            "added p99 vs a",
+            "added p50 vs b",
+            "added p99 vs b",
+            "added TTFB p50 vs b",
+            "added TTFB p99 vs b",
+            "CPU/req vs b",
+        ],
+    );
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in results {
+        if r.mode != Mode::Hold && !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
+    for name in scenarios {
+        let find = |t: &str| results.iter().find(|r| r.scenario == name && r.target == t);
+        let sim = find("sim");
+        let pass = find("passthrough");
+        for target in ["passthrough", "gateway"] {
+            let Some(r) = find(target) else { continue };
+            let vs = |base: Option<&RunResult>, f: &dyn Fn(&RunResult) -> f64| {
+                base.map_or("-".to_string(), |b| ratio(f(r), f(b)))
+            };
+            let added = |base: Option<&RunResult>, f: &dyn Fn(&RunResult) -> f64| {
+                base.map_or("-".to_string(), |b| signed_ms(f(r) - f(b)))
+            };
+            let is_pass = target == "passthrough";
+            let b = if is_pass { None } else { pass };
+            let cpu = |x: &RunResult| x.process.as_ref().map_or(0.0, |p| p.cpu_s_per_1000_req);
+            t.rows.push(vec![
+                format!("{name} / {target}"),
+                vs(sim, &|x| x.summary.rps),
+                vs(b, &|x| x.summary.rps),
+                vs(sim, &|x| x.summary.latency_ms.p50),
+                vs(sim, &|x| x.summary.latency_ms.p99),
+                vs(b, &|x| x.summary.latency_ms.p99),
+                added(sim, &|x| x.summary.latency_ms.p50),
+                added(sim, &|x| x.summary.latency_ms.p99),
+                added(b, &|x| x.summary.latency_ms.p50),
+                added(b, &|x| x.summary.latency_ms.p99),
+                added(b, &|x| x.summary.ttfb_ms.p50),
+                added(b, &|x| x.summary.ttfb_ms.p99),
+                vs(b, &cpu),
+            ]);
+        }
+    }
+    (!t.rows.is_empty()).then_some(t)
+}
+
+/// Redis commands and Postgres transactions per request (gateway runs in compare mode).
+pub fn stores_table(results: &[RunResult]) -> Option<Table> {
+    let mut t = Table::new(
+        "Gateway store work per request (Redis: commands clients sent, from MONITOR, and commands executed incl. inside Lua scripts, from INFO commandstats; Postgres: pg_stat_database delta; background work included)",
+        &[
+            "scenario",
+            "requests (incl. warm-up)",
+            "Redis cmds sent/req",
+            "sent by command",
+            "Redis cmds/req (incl. in scripts)",
+            "by command (per req)",
+            "PG xact/req",
+            "PG xact",
+            "PG rows inserted",
+        ],
+    );
+    for r in results {
+        let Some(st) = &r.stores else { continue };
+        let by = st
+            .redis_by_command
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let trips = st
+            .redis_client_commands_by_command
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        t.rows.push(vec![
+            r.scenario.clone(),
+            st.requests.to_string(),
+            format!("{:.3}", st.redis_client_commands_per_request),
+            if trips.is_empty() {
+                "-".to_string()
+            } else {
+                trips
+            },
+            format!("{:.3}", st.redis_commands_per_request),
+            if by.is_empty() { "-".to_string() } else { by },
+            format!("{:.4}", st.pg_xact_per_request),
+            st.pg_xact_commit.to_string(),
+            st.pg_tup_inserted.to_string(),
+        ]);
+    }
+    (!t.rows.is_empty()).then_some(t)
+}
+
+/// Hold-mode steps: RSS at each stream count and KiB per added stream.
+pub fn hold_table(results: &[RunResult]) -> Option<Table> {
+    let mut t = Table::new(
+        "Concurrent idle streams: RSS of the target process (KiB) and slope per added stream",
+        &[
+            "scenario / target",
+            "streams",
+            "open",
+            "failed",
+            "open time s",
+            "RSS MiB",
+            "KiB/stream (vs previous step)",
+        ],
+    );
+    for r in results {
+        let Some(h) = &r.hold else { continue };
+        let label = format!("{} / {}", r.scenario, r.target);
+        if let Some(b) = h.rss_before_kib {
+            t.rows.push(vec![
+                label.clone(),
+                "0".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("{:.1}", b as f64 / 1024.0),
+                "-".into(),
+            ]);
+        }
+        for s in &h.steps {
+            t.rows.push(vec![
+                label.clone(),
+                s.streams.to_string(),
+                s.open.to_string(),
+                s.failed.to_string(),
+                format!("{:.1}", s.open_seconds),
+                s.rss_kib
+                    .map_or("-".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                s.kib_per_stream.map_or("-".into(), |v| format!("{v:.1}")),
+            ]);
+        }
+        if let (Some(after), Some(last)) = (h.rss_after_hold_kib, h.steps.last()) {
+            t.rows.push(vec![
+                label.clone(),
+                format!("{} after {:.0} s held", last.streams, h.held_seconds),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("{:.1}", after as f64 / 1024.0),
+                "-".into(),
+            ]);
+        }
+    }
+    (!t.rows.is_empty()).then_some(t)
+}
+
+/// SPEC §14 targets, checked for every scenario that ran against both the passthrough and the
+/// gateway: fixed-rate (open loop) scenarios for CPU, latency, TTFB and store work; closed-loop
+/// scenarios for saturated throughput.
+pub fn targets_table(results: &[RunResult]) -> Option<Table> {
+    let mut t = Table::new(
+        "SPEC §14 targets (gateway vs passthrough)",
+        &["scenario", "check", "target", "measured", "verdict"],
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" }.to_string();
+    let mut seen: Vec<&str> = Vec::new();
+    for r in results {
+        if r.mode == Mode::Hold || !r.spec_checks || seen.contains(&r.scenario.as_str()) {
+            continue;
+        }
+        seen.push(&r.scenario);
+        let find = |t: &str| {
+            results
+                .iter()
+                .find(|x| x.scenario == r.scenario && x.target == t)
+        };
+        let (Some(pass), Some(gw)) = (find("passthrough"), find("gateway")) else {
+            continue;
+        };
+        let name = r.scenario.clone();
+        let mut row = |check: &str, target: &str, measured: String, ok: bool| {
+            t.rows.push(vec![
+                name.clone(),
+                check.to_string(),
+                target.to_string(),
+                measured,
+                verdict(ok),
+            ]);
+        };
+        let (ps, gs) = (&pass.summary, &gw.summary);
+        match r.mode {
+            Mode::Open => {
+                let cpu = |x: &RunResult| x.process.as_ref().map(|p| p.cpu_s_per_1000_req);
+                if let (Some(c_gw), Some(c_pass)) = (cpu(gw), cpu(pass))
+                    && c_pass > 0.0
+                {
+                    let ratio = c_gw / c_pass;
+                    row(
+                        "CPU per request",
+                        "<= 1.2x",
+                        format!("{ratio:.2}x"),
+                        ratio <= 1.2,
+                    );
+                }
+                let added = gs.latency_ms.p99 - ps.latency_ms.p99;
+                row(
+                    "added p99",
+                    "< 1 ms",
+                    format!("{added:+.3} ms"),
+                    added < 1.0,
+                );
+                let ttfb = gs.ttfb_ms.p50 - ps.ttfb_ms.p50;
+                row(
+                    "added TTFB p50",
+                    "<= 0.5 ms",
+                    format!("{ttfb:+.3} ms"),
+                    ttfb <= 0.5,
+                );
+                if let Some(st) = &gw.stores {
+                    // Request-path round trips are the EVALSHA calls; background lease renewal
+                    // adds pipelined ZADD/PEXPIRE, reported but not counted here.
+                    let total = st.redis_client_commands_per_request;
+                    let trips = st
+                        .redis_client_commands_by_command
+                        .get("evalsha")
+                        .copied()
+                        .unwrap_or(total);
+                    row(
+                        "Redis round trips per request (EVALSHA)",
+                        "<= 2 (1 before, 1 after)",
+                        format!("{trips:.3} (all commands sent: {total:.3})"),
+                        trips <= 2.0 + 1e-9,
+                    );
+                    let pg = st.pg_xact_per_request;
+                    row(
+                        "Postgres transactions per request",
+                        "< 0.05",
+                        format!("{pg:.4}"),
+                        pg < 0.05,
+                    );
+                }
+            }
+            Mode::Closed => {
+                if ps.rps > 0.0 {
+                    let ratio = gs.rps / ps.rps;
+                    row(
+                        "saturated throughput",
+                        ">= 0.85x",
+                        format!("{ratio:.2}x"),
+                        ratio >= 0.85,
+                    );
+                }
+            }
+            Mode::Hold => {}
+        }
+    }
+    (!t.rows.is_empty()).then_some(t)
+}
+
+pub fn all_tables(results: &[RunResult]) -> Vec<Table> {
+    let mut v = Vec::new();
+    if results.iter().any(|r| r.mode != Mode::Hold) {
+        v.push(results_table(results));
+    }
+    v.extend(comparison_table(results));
+    v.extend(targets_table(results));
+    v.extend(stores_table(results));
+    v.extend(hold_table(results));
+    v
+}
+
+pub fn text(results: &[RunResult]) -> String {
+    all_tables(results)
+        .iter()
+        .map(Table::text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn markdown(results: &[RunResult], header: &str) -> String {
+    let mut out = String::from(header);
+    for t in all_tables(results) {
+        out.push('\n');
+        out.push_str(&t.markdown());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::procstat::ProcessDelta;
+    use crate::load::stats::{Percentiles, Summary};
+
+    fn result(target: &str, mode: Mode, rps: f64, p99: f64, cpu: f64) -> RunResult {
+        RunResult {
+            scenario: "s".into(),
+            target: target.into(),
+            mode,
+            rate: Some(100.0),
+            concurrency: None,
+            warmup_s: 0.0,
+            spec_checks: true,
+            summary: Summary {
+                requests: 100,
+                rps,
+                latency_ms: Percentiles {
+                    p50: 1.0,
+                    p99,
+                    ..Percentiles::default()
+                },
+                ttfb_ms: Percentiles {
+                    p50: 0.5,
+                    ..Percentiles::default()
+                },
+                ..Summary::default()
+            },
+            process: Some(ProcessDelta {
+                cpu_s_per_1000_req: cpu,
+                ..ProcessDelta::default()
+            }),
+            machine: None,
+            hold: None,
+            stores: None,
+        }
+    }
+
+    #[test]
+    fn targets_compare_gateway_with_passthrough() {
+        let results = vec![
+            result("sim", Mode::Open, 100.0, 1.0, 0.1),
+            result("passthrough", Mode::Open, 100.0, 2.0, 0.2),
+            result("gateway", Mode::Open, 100.0, 3.5, 0.22),
+        ];
+        let t = targets_table(&results).unwrap();
+        let cpu = t.rows.iter().find(|r| r[1] == "CPU per request").unwrap();
+        assert_eq!((cpu[3].as_str(), cpu[4].as_str()), ("1.10x", "met"));
+        let p99 = t.rows.iter().find(|r| r[1] == "added p99").unwrap();
+        assert_eq!((p99[3].as_str(), p99[4].as_str()), ("+1.500 ms", "MISSED"));
+        let cmp = comparison_table(&results).unwrap();
+        assert_eq!(cmp.rows.len(), 2);
+        assert!(cmp.markdown().contains("| s / gateway |"));
+    }
+
+    #[test]
+    fn closed_loop_checks_throughput_only() {
+        let results = vec![
+            result("passthrough", Mode::Closed, 1000.0, 2.0, 0.2),
+            result("gateway", Mode::Closed, 900.0, 9.0, 0.9),
+        ];
+        let t = targets_table(&results).unwrap();
+        assert_eq!(t.rows.len(), 1);
+        assert_eq!(
+            (t.rows[0][3].as_str(), t.rows[0][4].as_str()),
+            ("0.90x", "met")
+        );
+    }
+}
