@@ -109,6 +109,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             mode: settings.budgets.mode,
             min_output: settings.budgets.min_output_tokens,
             default_output: settings.tpm_default_output_tokens,
+            budget_default_output: settings.budgets.default_output_tokens,
             ns: settings.redis_key_prefix.clone(),
             retry_busy: true,
         },

@@ -42,6 +42,7 @@ const KNOWN: &[&str] = &[
     "BUDGET_TEMPLATE_TOKENS",
     "BUDGET_IMAGE_TOKENS",
     "BUDGET_MIN_OUTPUT_TOKENS",
+    "BUDGET_DEFAULT_OUTPUT_TOKENS",
     "BUDGET_SEED_GRACE_MS",
     "CLOCK_OFFSET_FILE",
     "PROMPT_LOG_PURGE_INTERVAL",
@@ -121,6 +122,9 @@ pub struct BudgetSettings {
     pub image_tokens: u64,
     /// A request is refused when fewer output tokens than this fit in a budget.
     pub min_output_tokens: u64,
+    /// The output cap of a budgeted request that sets none (reserve mode): without one it would
+    /// reserve all that is left and hold the budget against every concurrent request.
+    pub default_output_tokens: u64,
     /// How long budget counters lost by Redis wait before they are re-seeded from Postgres, so
     /// usage other instances are still writing has arrived.
     pub seed_grace: Duration,
@@ -259,6 +263,12 @@ impl Settings {
                 template_tokens: r.number("BUDGET_TEMPLATE_TOKENS", 128, 0, 1_000_000)?,
                 image_tokens: r.number("BUDGET_IMAGE_TOKENS", 2048, 0, 1_000_000)?,
                 min_output_tokens: r.number("BUDGET_MIN_OUTPUT_TOKENS", 1, 1, 1_000_000)?,
+                default_output_tokens: r.number(
+                    "BUDGET_DEFAULT_OUTPUT_TOKENS",
+                    4096,
+                    1,
+                    1_000_000_000,
+                )?,
                 seed_grace: Duration::from_millis(r.number(
                     "BUDGET_SEED_GRACE_MS",
                     1000,

@@ -112,6 +112,7 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
                         mode: BudgetMode::Reserve,
                         min_output: rng.range(1, 4),
                         default_output: 64,
+                        budget_default_output: 200,
                         ns: ns.clone(),
                         retry_busy: false,
                     },

@@ -422,3 +422,52 @@ fn redis_losing_its_data_fails_closed_then_reseeds_from_postgres() {
         "the counter continues from Postgres' {before}, not from zero"
     );
 }
+
+#[test]
+fn uncapped_requests_share_a_budget_instead_of_holding_all_of_it() {
+    let e = env();
+    let g = gateway(&e, &[("BUDGET_DEFAULT_OUTPUT_TOKENS", "500")]);
+    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
+    let (key, prefix) = g.create_key("acme", "k", &[]);
+    g.cli(&["set-budget", "--tenant", "acme", "--daily", "100000"]);
+    std::thread::sleep(Duration::from_millis(500));
+    // Four slow streams at once, none with a cap of its own: each reserves prompt + 500.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, key) = (g.addr.clone(), key.clone());
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {key}");
+                http::post_json(
+                    &addr,
+                    "/api/chat",
+                    &[
+                        ("Authorization", auth.as_str()),
+                        ("x-sim-chunks", "5"),
+                        ("x-sim-delay-ms", "100"),
+                    ],
+                    CHAT,
+                )
+                .status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200]);
+    let sent = e.sim.requests();
+    let caps: Vec<serde_json::Value> = sent
+        .as_array()
+        .expect("requests")
+        .iter()
+        .filter_map(|r| serde_json::from_str::<serde_json::Value>(r["body"].as_str()?).ok())
+        .map(|b| b["options"]["num_predict"].clone())
+        .collect();
+    assert_eq!(
+        caps,
+        vec![serde_json::json!(500); 4],
+        "the default cap is forwarded"
+    );
+    let _ = prefix;
+}

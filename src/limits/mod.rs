@@ -166,6 +166,7 @@ pub struct Limiter {
     mode: BudgetMode,
     min_output: u64,
     default_output: u64,
+    budget_default_output: u64,
     retry_busy: bool,
     warning: LogEvery,
     /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
@@ -180,6 +181,8 @@ pub struct LimiterConfig {
     pub min_output: u64,
     /// Output reserved against TPM when nothing caps a request's output.
     pub default_output: u64,
+    /// The output cap given to a budgeted request that sets none (reserve mode).
+    pub budget_default_output: u64,
     pub ns: String,
     /// Retry a few times, briefly, when only reservations in flight fill a budget.
     pub retry_busy: bool,
@@ -234,6 +237,7 @@ impl Limiter {
             mode: config.mode,
             min_output: config.min_output,
             default_output: config.default_output,
+            budget_default_output: config.budget_default_output,
             retry_busy: config.retry_busy,
             warning: LogEvery::new(Duration::from_secs(30)),
             ns: config.ns,
@@ -356,8 +360,16 @@ impl Limiter {
         let (day, month) = (demand.periods.day_stamp(), demand.periods.month_stamp());
         // Bounded so Redis integer arithmetic stays exact whatever a client asks for.
         let bound = demand.prompt_bound.min(MAX_TOKENS);
-        let requested = demand.output_cap.map_or(-1, |c| c.min(MAX_TOKENS) as i64);
         let reserve = self.mode == BudgetMode::Reserve;
+        let own_cap = demand.output_cap.map(|c| c.min(MAX_TOKENS) as i64);
+        // A budgeted request without a cap gets the default one rather than all that is left.
+        let requested = match own_cap {
+            Some(c) => c,
+            None if reserve && !budgets.is_empty() => {
+                self.budget_default_output.min(MAX_TOKENS) as i64
+            }
+            None => -1,
+        };
         let minimal = if requested == 0 { 0 } else { self.min_output };
         let mut keys = Vec::with_capacity(rates.len() * 5 + budgets.len() * 2);
         let mut args: Vec<String> = vec![
@@ -418,9 +430,10 @@ impl Limiter {
                     } else {
                         self.default_output.min(MAX_TOKENS)
                     };
+                // The body must carry the cap when the request had none, or a smaller one.
                 let clamp_output = (!budgets.is_empty() && reserve && *cap >= 0)
                     .then_some(*cap as u64)
-                    .filter(|c| requested < 0 || (*c as i64) < requested);
+                    .filter(|c| own_cap.is_none_or(|own| (*c as i64) < own));
                 let admission = Admission {
                     token_keys: rates
                         .iter()

@@ -81,6 +81,7 @@ mod tests {
             template_tokens: 10,
             image_tokens: 1000,
             min_output_tokens: 1,
+            default_output_tokens: 4096,
             seed_grace: std::time::Duration::ZERO,
         }
     }
