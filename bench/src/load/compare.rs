@@ -302,8 +302,8 @@ impl Stack {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Creates `tenants` tenants with generous limits and `keys_per_tenant` keys each; applies
-    /// `key_limits` to every key. Returns the keys.
+    /// Creates `tenants` tenants with generous limits and budgets, `keys_per_tenant` keys each;
+    /// applies `key_limits` to every key. Returns the keys.
     pub fn provision(&self, tag: &str, s: &Scenario) -> anyhow::Result<Vec<String>> {
         let mut keys = Vec::new();
         let generous = [
@@ -320,6 +320,19 @@ impl Stack {
             let mut args = vec!["set-limits", "--tenant", &tenant];
             args.extend(generous);
             self.admin(&args)?;
+            // Budgets on too (every feature): far above the load, at tenant level, so every
+            // key also carries them as its own and both scopes are checked and reserved.
+            self.admin(&[
+                "set-budget",
+                "--tenant",
+                &tenant,
+                "--daily",
+                "1000000000000",
+                "--monthly",
+                "10000000000000",
+                "--total",
+                "100000000000000",
+            ])?;
             for k in 0..s.keys_per_tenant.max(1) {
                 let out = self.admin(&[
                     "create-key",
