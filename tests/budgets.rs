@@ -5,13 +5,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{Datelike, NaiveDate, Utc};
 use common::http::{self, Response};
-use common::{Gateway, Redis, Sim, UPSTREAM_TOKEN, fresh_database, resp, sql_scalar_i64};
+use common::{
+    ClockFile, Gateway, Redis, Sim, UPSTREAM_TOKEN, fresh_database, resp, sql_scalar_i64,
+};
 
 /// 88 bytes: the prompt bound with BUDGET_TEMPLATE_TOKENS=0. The simulator counts its prompt
 /// as ⌈11 / 4⌉ = 3 tokens.
@@ -23,26 +24,20 @@ struct Env {
     db: String,
     redis: Redis,
     sim: Sim,
-    clock: PathBuf,
-    _dir: tempfile::TempDir,
+    clock: ClockFile,
 }
 
 fn env() -> Env {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = dir.path().join("clock-offset");
-    std::fs::write(&clock, "0").expect("clock file");
     Env {
         db: fresh_database(),
         redis: Redis::start(),
         sim: Sim::start(&["--require-token", UPSTREAM_TOKEN]),
-        clock,
-        _dir: dir,
+        clock: ClockFile::new(),
     }
 }
 
 fn gateway(e: &Env, extra: &[(&str, &str)]) -> Gateway {
     let sim = e.sim.url();
-    let clock = e.clock.display().to_string();
     let mut vars = vec![
         ("DATABASE_URL", e.db.as_str()),
         ("REDIS_URL", e.redis.url.as_str()),
@@ -51,17 +46,15 @@ fn gateway(e: &Env, extra: &[(&str, &str)]) -> Gateway {
         ("KEY_CACHE_SECRET", "budgets-test-secret-0123456789abcdef"),
         ("BUDGET_TEMPLATE_TOKENS", "0"),
         ("BUDGET_SEED_GRACE_MS", "300"),
-        ("CLOCK_OFFSET_FILE", clock.as_str()),
+        ("CLOCK_OFFSET_FILE", e.clock.path.as_str()),
     ];
     vars.extend_from_slice(extra);
     Gateway::start(&vars)
 }
 
-/// Moves the gateways' budget clock to `t` (they poll the file every 50 ms).
+/// Moves the gateways' budget clock to `t`.
 fn set_clock(e: &Env, t: chrono::DateTime<Utc>) {
-    let offset = (t - Utc::now()).num_seconds();
-    std::fs::write(&e.clock, offset.to_string()).expect("clock file");
-    std::thread::sleep(Duration::from_millis(300));
+    e.clock.set_offset((t - Utc::now()).num_seconds());
 }
 
 fn chat(addr: &str, key: &str, chunks: usize) -> Response {

@@ -7,35 +7,29 @@ mod common;
 use std::time::Duration;
 
 use common::http;
-use common::{Gateway, Sim, UPSTREAM_TOKEN, fresh_database, sql_scalar_i64};
+use common::{ClockFile, Gateway, Sim, UPSTREAM_TOKEN, fresh_database, sql_scalar_i64};
 
 struct Env {
     db: String,
     sim: Sim,
-    clock: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    clock: ClockFile,
 }
 
 fn env() -> Env {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = dir.path().join("clock-offset");
-    std::fs::write(&clock, "0").expect("clock file");
     Env {
         db: fresh_database(),
         sim: Sim::start(&["--require-token", UPSTREAM_TOKEN]),
-        clock,
-        _dir: dir,
+        clock: ClockFile::new(),
     }
 }
 
 fn gateway(e: &Env) -> Gateway {
     let sim = e.sim.url();
-    let clock = e.clock.display().to_string();
     Gateway::start(&[
         ("DATABASE_URL", e.db.as_str()),
         ("OLLAMA_URL", sim.as_str()),
         ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
-        ("CLOCK_OFFSET_FILE", clock.as_str()),
+        ("CLOCK_OFFSET_FILE", e.clock.path.as_str()),
         ("PROMPT_LOG_PURGE_INTERVAL", "200ms"),
     ])
 }
@@ -175,12 +169,12 @@ fn only_opted_in_keys_are_logged_and_rows_expire() {
     );
 
     // Two hours later the 1 h rows are gone and the 3 h rows are still there.
-    let offset = 2 * 3600;
-    std::fs::write(&e.clock, offset.to_string()).expect("clock");
-    std::thread::sleep(Duration::from_millis(800));
+    e.clock.set_offset(2 * 3600);
+    // The purge runs every 200 ms.
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(key_rows(&lp), 0, "expired rows are deleted");
     assert_eq!(key_rows(&ip), 5, "rows still within their TTL stay");
-    std::fs::write(&e.clock, (4 * 3600).to_string()).expect("clock");
-    std::thread::sleep(Duration::from_millis(800));
+    e.clock.set_offset(4 * 3600);
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rows(&e.db, "true"), 0);
 }

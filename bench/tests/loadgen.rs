@@ -1,48 +1,16 @@
 //! End-to-end tests of `nz-bench run` and `nz-passthrough` against the real simulator.
 //! Nothing here asserts on timings: only counts and bytes.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// A child process, killed when the test ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_sim() -> (Running, String) {
-    start_sim_with(&[])
-}
-
-fn start_sim_with(args: &[&str]) -> (Running, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ollama-sim"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn ollama-sim");
-    let stdout = child.stdout.take().expect("sim stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the sim's listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line from ollama-sim: {line:?}"))
-        .to_string();
-    (Running(child), addr)
-}
+mod support;
+use support::{Running, start_sim};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -124,7 +92,7 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
 
 #[test]
 fn run_counts_requests_and_tokens_against_the_simulator() {
-    let (_sim, addr) = start_sim();
+    let (_sim, addr) = start_sim(&[]);
     let chunks = 5;
     let scenario = Scratch::scenario(
         "mix",
@@ -168,7 +136,7 @@ fn run_counts_requests_and_tokens_against_the_simulator() {
 
 #[test]
 fn closed_loop_stops_at_max_requests() {
-    let (_sim, addr) = start_sim();
+    let (_sim, addr) = start_sim(&[]);
     let scenario = Scratch::scenario(
         "closed",
         "mode: closed\nconcurrency: 4\nduration: 60s\nmax_requests: 50\nrequests:\n  - {route: /api/embed}\n",
@@ -200,7 +168,7 @@ fn closed_loop_stops_at_max_requests() {
 
 #[test]
 fn passthrough_forwards_byte_identical() {
-    let (_sim, sim_addr) = start_sim();
+    let (_sim, sim_addr) = start_sim(&[]);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_nz-passthrough"))
@@ -245,7 +213,7 @@ fn passthrough_forwards_byte_identical() {
 
 #[test]
 fn sim_without_recording_still_counts() {
-    let (_sim, addr) = start_sim_with(&["--no-record"]);
+    let (_sim, addr) = start_sim(&["--no-record"]);
     let embed = r#"{"model":"nomic-embed-text","input":"hello"}"#;
     assert_eq!(http(&addr, "POST", "/api/embed", embed).0, 200);
     let (status, log) = http(&addr, "GET", "/__sim/requests", "");

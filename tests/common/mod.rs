@@ -235,6 +235,28 @@ impl Redis {
     }
 }
 
+/// A `CLOCK_OFFSET_FILE` for gateways under test: seconds added to their budget clock (they
+/// poll the file every 50 ms), so a test moves to the next day instead of waiting for it.
+pub struct ClockFile {
+    pub path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ClockFile {
+    pub fn new() -> ClockFile {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("clock-offset").display().to_string();
+        std::fs::write(&path, "0").expect("clock file");
+        ClockFile { path, _dir: dir }
+    }
+
+    /// Shifts the clock by `secs` and waits until the gateways have read it.
+    pub fn set_offset(&self, secs: i64) {
+        std::fs::write(&self.path, secs.to_string()).expect("clock file");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 pub fn wait_for_port(port: u16, within: Duration) {
     let deadline = Instant::now() + within;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
