@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{Datelike, NaiveDate, Utc};
 use common::http::{self, Response};
-use common::{
-    ClockFile, Gateway, Redis, Sim, UPSTREAM_TOKEN, fresh_database, resp, sql_scalar_i64,
-};
+use common::{Deployment, Gateway, resp, sql_scalar_i64};
 
 /// 88 bytes: the prompt bound with BUDGET_TEMPLATE_TOKENS=0. The simulator counts its prompt
 /// as ⌈11 / 4⌉ = 3 tokens.
@@ -20,36 +18,21 @@ const CHAT: &str =
     r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hello world"}]}"#;
 const PROMPT_TOKENS: i64 = 3;
 
-struct Env {
-    db: String,
-    redis: Redis,
-    sim: Sim,
-    clock: ClockFile,
-}
+type Env = Deployment;
 
 fn env() -> Env {
-    Env {
-        db: fresh_database(),
-        redis: Redis::start(),
-        sim: Sim::start(&["--require-token", UPSTREAM_TOKEN]),
-        clock: ClockFile::new(),
-    }
+    Deployment::start()
 }
 
+/// Budget settings that make the arithmetic of these tests exact: no template allowance, a
+/// short re-seed grace.
 fn gateway(e: &Env, extra: &[(&str, &str)]) -> Gateway {
-    let sim = e.sim.url();
     let mut vars = vec![
-        ("DATABASE_URL", e.db.as_str()),
-        ("REDIS_URL", e.redis.url.as_str()),
-        ("OLLAMA_URL", sim.as_str()),
-        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
-        ("KEY_CACHE_SECRET", "budgets-test-secret-0123456789abcdef"),
         ("BUDGET_TEMPLATE_TOKENS", "0"),
         ("BUDGET_SEED_GRACE_MS", "300"),
-        ("CLOCK_OFFSET_FILE", e.clock.path.as_str()),
     ];
     vars.extend_from_slice(extra);
-    Gateway::start(&vars)
+    e.gateway(&vars)
 }
 
 /// Moves the gateways' budget clock to `t`.

@@ -8,33 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http::{self, Response};
-use common::{Gateway, Redis, Sim, UPSTREAM_TOKEN, fresh_database};
+use common::{Deployment, Gateway};
 
-struct Env {
-    db: String,
-    redis: Redis,
-    sim: Sim,
+fn env() -> Deployment {
+    Deployment::start()
 }
 
-fn env() -> Env {
-    Env {
-        db: fresh_database(),
-        redis: Redis::start(),
-        sim: Sim::start(&["--require-token", UPSTREAM_TOKEN]),
-    }
-}
-
-fn gateway(e: &Env, extra: &[(&str, &str)]) -> Gateway {
-    let sim = e.sim.url();
-    let mut vars = vec![
-        ("DATABASE_URL", e.db.as_str()),
-        ("REDIS_URL", e.redis.url.as_str()),
-        ("OLLAMA_URL", sim.as_str()),
-        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
-        ("KEY_CACHE_SECRET", "limits-test-secret-0123456789abcdef"),
-    ];
-    vars.extend_from_slice(extra);
-    Gateway::start(&vars)
+fn gateway(e: &Deployment, extra: &[(&str, &str)]) -> Gateway {
+    e.gateway(extra)
 }
 
 fn get(addr: &str, key: &str, path: &str) -> Response {

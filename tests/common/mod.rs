@@ -235,6 +235,44 @@ impl Redis {
     }
 }
 
+/// A fresh database, a private Redis a test may stop, a simulator requiring the upstream
+/// token and a budget clock: what several gateways of one test share.
+pub struct Deployment {
+    pub db: String,
+    pub redis: Redis,
+    pub sim: Sim,
+    pub clock: ClockFile,
+}
+
+impl Deployment {
+    pub fn start() -> Deployment {
+        Deployment {
+            db: fresh_database(),
+            redis: Redis::start(),
+            sim: Sim::start(&["--require-token", UPSTREAM_TOKEN]),
+            clock: ClockFile::new(),
+        }
+    }
+
+    /// A gateway on this deployment (every one gets the same cache secret); `extra` wins.
+    pub fn gateway(&self, extra: &[(&str, &str)]) -> Gateway {
+        let sim = self.sim.url();
+        let mut vars = vec![
+            ("DATABASE_URL", self.db.as_str()),
+            ("REDIS_URL", self.redis.url.as_str()),
+            ("OLLAMA_URL", sim.as_str()),
+            ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
+            (
+                "KEY_CACHE_SECRET",
+                "deployment-test-secret-0123456789abcdef",
+            ),
+            ("CLOCK_OFFSET_FILE", self.clock.path.as_str()),
+        ];
+        vars.extend_from_slice(extra);
+        Gateway::start(&vars)
+    }
+}
+
 /// A `CLOCK_OFFSET_FILE` for gateways under test: seconds added to their budget clock (they
 /// poll the file every 50 ms), so a test moves to the next day instead of waiting for it.
 pub struct ClockFile {
