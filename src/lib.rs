@@ -29,6 +29,7 @@ pub mod policy;
 pub mod principal;
 pub mod proxy;
 pub mod readiness;
+pub mod redis_link;
 pub mod request_id;
 pub mod respond;
 pub mod routes;

@@ -61,6 +61,8 @@ pub struct AppState {
     pub readiness: Readiness,
     pub discovery: Arc<crate::discovery::Discovery>,
     pub inflight: Arc<AtomicUsize>,
+    /// The proxy's Redis connection, connected on this runtime by the first request.
+    pub redis: Option<Arc<crate::redis_link::RedisLink>>,
 }
 
 pub struct Gateway {
@@ -376,7 +378,7 @@ impl Gateway {
         let admission = self
             .state
             .limiter
-            .admit(&principal, &demand, &ctx.request_id)
+            .admit(&principal, &demand)
             .await
             .map_err(limit_refusal)?;
         ctx.usage_day = Some(periods.day);
@@ -678,6 +680,9 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<bool> {
         ctx.started = Instant::now();
         ctx.started_at = chrono::Utc::now();
+        if let Some(link) = &self.state.redis {
+            link.ensure_connected().await;
+        }
         ctx.client_ip = self.find_client_ip(session);
         ctx.request_id = request_id::accept_or_mint(
             session

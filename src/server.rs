@@ -22,9 +22,13 @@ use crate::limits::seed::Seeder;
 use crate::limits::{Limiter, LimiterConfig};
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
+use crate::redis_link::RedisLink;
 use crate::settings::Settings;
 use crate::store::{self, Store};
 use crate::upstream::Upstreams;
+
+/// How long the first use of a Redis connection waits for it.
+const FIRST_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::Result<()> {
     let db_url = settings.require_database_url()?.clone();
@@ -32,11 +36,21 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         run_migrations(&db_url)?;
     }
     let store = Arc::new(Store::new(&db_url, settings.database_max_connections)?);
+    // Two connections: the proxy's, started by its first request on its own runtime (see
+    // `redis_link`), and a background one for the change feed and lease renewal, which must
+    // work before any request arrives.
     let redis = settings
         .redis_url
         .as_ref()
         .map(|url| redis_client(url, &settings))
         .transpose()?;
+    let redis_bg = redis.as_ref().map(Client::clone_new);
+    let redis_link = redis.clone().map(|c| {
+        Arc::new(RedisLink::new(
+            c,
+            settings.redis_timeout.max(FIRST_CONNECT_WAIT),
+        ))
+    });
     let secret = match &settings.key_cache_secret {
         Some(s) => s.clone(),
         None => {
@@ -58,6 +72,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let follower = ChangeFollower::new(
         Store::new(&db_url, 1)?,
         cache.clone(),
+        redis_bg.clone(),
         changes.clone(),
         settings.key_cache_ttl,
     );
@@ -124,6 +139,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         readiness,
         discovery,
         inflight: inflight.clone(),
+        redis: redis_link.clone(),
     });
 
     let mut server =
@@ -135,11 +151,11 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         "neuronetz-gateway",
     );
     proxy.add_tcp(&listen);
-    if let Some(client) = redis {
+    if let (Some(background), Some(link)) = (redis_bg, redis_link) {
         server.add_service(background_service(
             "lease-renewal",
             LeaseRenewer {
-                redis: client.clone(),
+                redis: background.clone(),
                 book: leases,
                 inflight: inflight.clone(),
             },
@@ -147,7 +163,8 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         server.add_service(background_service(
             "redis-connection",
             RedisConnection {
-                client,
+                background,
+                link,
                 inflight: inflight.clone(),
             },
         ));
@@ -209,28 +226,32 @@ fn redis_client(url: &SecretString, settings: &Settings) -> anyhow::Result<Clien
     Ok(client)
 }
 
-/// Owns the Redis connection task on its own runtime; the proxy's runtimes talk to it through
-/// the client's channels. Started as a service so it survives Pingora's daemon fork.
+/// Owns the background connection (on this service's runtime) and closes both connections
+/// at shutdown. Started as a service so it survives Pingora's daemon fork.
 struct RedisConnection {
-    client: Client,
+    background: Client,
+    link: Arc<RedisLink>,
     inflight: Arc<AtomicUsize>,
 }
 
 #[async_trait]
 impl BackgroundService for RedisConnection {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let _task = self.client.connect();
-        if let Err(e) = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            self.client.wait_for_connect(),
-        )
-        .await
+        let _task = self.background.connect();
+        if tokio::time::timeout(FIRST_CONNECT_WAIT, self.background.wait_for_connect())
+            .await
+            .is_err()
         {
-            tracing::warn!(error = %e, "redis not reachable yet; the key cache works without it and will reconnect");
+            tracing::warn!(
+                "redis not reachable yet; the key cache works without it and will reconnect"
+            );
         }
         let _ = shutdown.changed().await;
-        // Requests still finishing settle their rate-limit charges through this connection.
+        // Requests still finishing settle their rate-limit charges through the proxy's link.
         crate::drain::until_idle(&self.inflight).await;
-        let _ = self.client.quit().await;
+        if self.link.is_started() {
+            let _ = self.link.client().quit().await;
+        }
+        let _ = self.background.quit().await;
     }
 }

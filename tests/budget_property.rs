@@ -144,10 +144,7 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
                     periods,
                     event_id: uuid::Uuid::new_v4(),
                 };
-                match limiters[limiter]
-                    .admit(&keys[key], &demand, &format!("r{step}"))
-                    .await
-                {
+                match limiters[limiter].admit(&keys[key], &demand).await {
                     Ok(Some(admission)) => {
                         let cap = admission
                             .clamp_output

@@ -57,6 +57,9 @@ pub struct Pipeline {
     enqueued: AtomicU64,
     written: AtomicU64,
     spool_dir: PathBuf,
+    /// Told when a batch's worth of events is queued. The writer is not woken per event: each
+    /// wake is a hand-off to its thread that the proxy pays for.
+    batch_ready: tokio::sync::Notify,
 }
 
 impl Pipeline {
@@ -65,6 +68,7 @@ impl Pipeline {
             enqueued: AtomicU64::new(0),
             written: AtomicU64::new(0),
             spool_dir,
+            batch_ready: tokio::sync::Notify::new(),
         }
     }
 
@@ -118,6 +122,8 @@ impl AuditSink {
         if self.tx.send(event).await.is_err() {
             self.pipeline.done(1);
             tracing::error!("audit writer has stopped; an audit event was lost");
+        } else if self.queue_depth() >= writer::FLUSH_AT {
+            self.pipeline.batch_ready.notify_one();
         }
     }
 

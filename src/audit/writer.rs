@@ -30,7 +30,7 @@ const BATCH: usize = 512;
 /// measured 0.33 statements per request at 400 req/s with a fixed 5 ms window), and audit rows
 /// at most this late.
 const FLUSH_WINDOW: Duration = Duration::from_millis(100);
-const FLUSH_AT: usize = 64;
+pub(super) const FLUSH_AT: usize = 64;
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 /// Shutdown: stop once no event came for this long and no request is in flight...
@@ -279,15 +279,21 @@ impl BackgroundService for AuditWriter {
 
 impl AuditWriter {
     /// Lets a batch grow to `FLUSH_AT` events or for `FLUSH_WINDOW`, whichever comes first.
+    /// Only the batch's first event woke this task; the rest are collected when the window
+    /// closes or the proxy reports `FLUSH_AT` events queued.
     async fn fill(&self, rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>) {
         let deadline = tokio::time::Instant::now() + FLUSH_WINDOW;
-        while batch.len() < FLUSH_AT {
-            let room = BATCH - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        loop {
+            take_queued(rx, batch);
+            if batch.len() >= FLUSH_AT {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.pipeline.batch_ready.notified() => {}
             }
         }
+        take_queued(rx, batch);
     }
 
     /// After the shutdown signal, requests still in flight keep finishing for the grace
@@ -315,6 +321,16 @@ impl AuditWriter {
         }
         self.write(batch).await;
         batch.clear();
+    }
+}
+
+/// Moves what is queued into `batch`, up to `BATCH` events, without waiting.
+fn take_queued(rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>) {
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(e) => batch.push(e),
+            Err(_) => return,
+        }
     }
 }
 

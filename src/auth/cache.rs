@@ -200,9 +200,11 @@ impl PrincipalCache {
     }
 
     /// Forgets every cached principal of one key (or, with `key_id = None`, of a whole tenant),
-    /// here and in Redis.
+    /// here and, through `redis` (the background connection, alive before any request), in
+    /// Redis.
     pub async fn invalidate(
         &self,
+        redis: Option<&Client>,
         tenant_id: i64,
         key_id: Option<i64>,
     ) -> Result<(), fred::error::Error> {
@@ -210,7 +212,7 @@ impl PrincipalCache {
             Some(k) => p.key_id == k,
             None => p.tenant_id == tenant_id,
         });
-        let Some(redis) = &self.redis else {
+        let Some(redis) = redis else {
             return Ok(());
         };
         let index = key_id.map_or_else(|| self.tenant_index(tenant_id), |k| self.key_index(k));

@@ -24,6 +24,7 @@ use crate::auth::cache::PrincipalCache;
 use crate::log_throttle::LogEvery;
 use crate::principal::Principal;
 use crate::store::Store;
+use fred::prelude::Client;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
@@ -35,6 +36,8 @@ const LATE_COMMIT_WINDOW: i64 = 1000;
 pub struct ChangeFollower {
     store: Store,
     cache: Arc<PrincipalCache>,
+    /// The background Redis connection (the proxy's own starts with the first request).
+    redis: Option<Client>,
     changes: Arc<ChangeLog>,
     /// How far back to replay at start-up: entries other instances cached before this one
     /// started may be stale by changes made in that time.
@@ -169,12 +172,14 @@ impl ChangeFollower {
     pub fn new(
         store: Store,
         cache: Arc<PrincipalCache>,
+        redis: Option<Client>,
         changes: Arc<ChangeLog>,
         cache_ttl: Duration,
     ) -> Self {
         Self {
             store,
             cache,
+            redis,
             changes,
             replay: cache_ttl + Duration::from_secs(5),
             errors: LogEvery::new(Duration::from_secs(30)),
@@ -215,7 +220,11 @@ impl ChangeFollower {
     /// affected principals. `false` when Redis could not be cleaned: the caller retries.
     async fn apply(&self, change: Change) -> bool {
         self.changes.record(&change);
-        match self.cache.invalidate(change.tenant_id, change.key_id).await {
+        match self
+            .cache
+            .invalidate(self.redis.as_ref(), change.tenant_id, change.key_id)
+            .await
+        {
             Ok(()) => true,
             Err(e) => {
                 self.errors.warn(|| {

@@ -159,7 +159,10 @@ pub struct Limiter {
     redis: Option<Client>,
     admit: Script,
     settle: Script,
+    /// Random per process; with `admissions` it names each admission's leases uniquely
+    /// across instances.
     instance: String,
+    admissions: std::sync::atomic::AtomicU64,
     leases: Arc<LeaseBook>,
     seeder: Option<Arc<Seeder>>,
     fail_open: bool,
@@ -230,7 +233,8 @@ impl Limiter {
             redis,
             admit: Script::from_lua(ADMIT_LUA),
             settle: Script::from_lua(SETTLE_LUA),
-            instance: uuid::Uuid::new_v4().simple().to_string(),
+            instance: format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0),
+            admissions: std::sync::atomic::AtomicU64::new(0),
             leases,
             seeder,
             fail_open: config.fail_open,
@@ -281,7 +285,6 @@ impl Limiter {
         &self,
         p: &Principal,
         demand: &Demand,
-        request_id: &str,
     ) -> Result<Option<Admission>, LimitError> {
         let (rates, mut budgets) = self.scopes(p);
         // Listings, `/api/show`, `/api/version` spend no tokens: budgets neither refuse nor
@@ -299,10 +302,7 @@ impl Limiter {
         // budget's room (their settlement is under way): a few quick retries, then an answer.
         let mut busy_waits = BUSY_RETRIES.iter().filter(|_| self.retry_busy);
         for _ in 0..=budgets.len() + BUSY_RETRIES.len() {
-            let reply = match self
-                .try_admit(redis, &rates, &budgets, demand, request_id)
-                .await
-            {
+            let reply = match self.try_admit(redis, &rates, &budgets, demand).await {
                 Err(Reply::Reseed(index)) => self.reseed(&budgets, index).await,
                 Err(Reply::Busy(index)) => match busy_waits.next() {
                     Some(wait) => {
@@ -345,18 +345,16 @@ impl Limiter {
         rates: &[RateScope<'_>],
         budgets: &[BudgetScope<'_>],
         demand: &Demand,
-        request_id: &str,
     ) -> Result<Option<Admission>, Reply> {
         let now_ms = now_ms();
         let minute = now_ms / 60_000;
         let frac = (now_ms % 60_000) as f64 / 60_000.0;
-        // Unique per admission: a client choosing the same X-Request-ID for concurrent requests
-        // must not share one lease.
-        let member = format!(
-            "{}:{}:{request_id}",
-            self.instance,
-            uuid::Uuid::new_v4().simple()
-        );
+        // Unique per admission (not the request id: a client may reuse one for concurrent
+        // requests) and short: Redis stores it in up to four sets and hashes per request.
+        let n = self
+            .admissions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let member = format!("{}:{n:x}", self.instance);
         let (day, month) = (demand.periods.day_stamp(), demand.periods.month_stamp());
         // Bounded so Redis integer arithmetic stays exact whatever a client asks for.
         let bound = demand.prompt_bound.min(MAX_TOKENS);

@@ -23,30 +23,27 @@ end
 for i = rates * 2 + 1, #KEYS, 2 do
   local h, z = KEYS[i], KEYS[i + 1]
   redis.call('ZREM', z, member)
-  -- Counters lost (Redis restarted): mark them for re-seeding and keep this usage as late, so
-  -- the seed counts it whether or not Postgres has it yet.
-  if redis.call('EXISTS', h) == 0 then
-    redis.call('HSET', h, 'seeding', ARGV[8])
-  end
-  do
-    if redis.call('HEXISTS', h, 'seeding') == 1 then
-      -- The re-seed adds it unless Postgres already had it when it was read.
-      redis.call('HSET', h, 'late:' .. ARGV[7], actual .. ':' .. day .. ':' .. month)
-    else
-      local amount = redis.call('HGET', h, 'r:' .. member)
-      if amount then
-        redis.call('HINCRBY', h, 'rsum', -tonumber(amount))
-        redis.call('HDEL', h, 'r:' .. member)
+  local f = redis.call('HMGET', h, 'seeding', 'ds', 'ms', 'r:' .. member)
+  -- Counters lost (Redis restarted) or being re-seeded: mark them and keep this usage as late,
+  -- so the seed counts it whether or not Postgres has it yet.
+  if f[1] or not f[2] then
+    if not f[1] then
+      redis.call('HSET', h, 'seeding', ARGV[8])
+    end
+    redis.call('HSET', h, 'late:' .. ARGV[7], actual .. ':' .. day .. ':' .. month)
+  else
+    if f[4] then
+      redis.call('HDEL', h, 'r:' .. member)
+      redis.call('HINCRBY', h, 'rsum', -tonumber(f[4]))
+    end
+    if actual > 0 then
+      if f[2] == day then
+        redis.call('HINCRBY', h, 'd', actual)
       end
-      if actual > 0 then
-        if redis.call('HGET', h, 'ds') == day then
-          redis.call('HINCRBY', h, 'd', actual)
-        end
-        if redis.call('HGET', h, 'ms') == month then
-          redis.call('HINCRBY', h, 'm', actual)
-        end
-        redis.call('HINCRBY', h, 't', actual)
+      if f[3] == month then
+        redis.call('HINCRBY', h, 'm', actual)
       end
+      redis.call('HINCRBY', h, 't', actual)
     end
   end
 end
