@@ -503,6 +503,18 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
     }
 }
 
+/// OpenAI's rate-limit header names: limit, remaining, reset.
+const RATE_HEADERS_REQUESTS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const RATE_HEADERS_TOKENS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
 fn limit_refusal(e: LimitError) -> GatewayError {
     match e {
         LimitError::Unavailable { budgets: false } => GatewayError::Unavailable("rate limiter"),
@@ -680,9 +692,6 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<bool> {
         ctx.started = Instant::now();
         ctx.started_at = chrono::Utc::now();
-        if let Some(link) = &self.state.redis {
-            link.ensure_connected().await;
-        }
         ctx.client_ip = self.find_client_ip(session);
         ctx.request_id = request_id::accept_or_mint(
             session
@@ -702,6 +711,12 @@ impl ProxyHttp for Gateway {
             }
             Err(e) => return self.refuse(session, ctx, e).await,
         };
+        // Liveness probes never wait for Redis; readiness reports it.
+        if let Some(link) = &self.state.redis
+            && !matches!(route.kind, RouteKind::Healthz | RouteKind::Root)
+        {
+            link.ensure_connected().await;
+        }
         if route.is_gateway_endpoint() {
             let kind = route.kind;
             ctx.route = Some(route);
@@ -865,19 +880,14 @@ impl ProxyHttp for Gateway {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(a) = ctx.admission.as_ref() {
             let reset = crate::limits::reset_value(a.headers.reset_secs);
-            for (kind, values) in [
-                ("requests", a.headers.requests),
-                ("tokens", a.headers.tokens),
+            for ([limit_name, remaining_name, reset_name], values) in [
+                (RATE_HEADERS_REQUESTS, a.headers.requests),
+                (RATE_HEADERS_TOKENS, a.headers.tokens),
             ] {
                 if let Some((limit, remaining)) = values {
-                    upstream_response
-                        .insert_header(format!("x-ratelimit-limit-{kind}"), limit.to_string())?;
-                    upstream_response.insert_header(
-                        format!("x-ratelimit-remaining-{kind}"),
-                        remaining.to_string(),
-                    )?;
-                    upstream_response
-                        .insert_header(format!("x-ratelimit-reset-{kind}"), reset.as_str())?;
+                    upstream_response.insert_header(limit_name, limit.to_string())?;
+                    upstream_response.insert_header(remaining_name, remaining.to_string())?;
+                    upstream_response.insert_header(reset_name, reset.as_str())?;
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use async_trait::async_trait;
-use fred::prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy};
+use fred::prelude::{Builder, Client, Config, ReconnectPolicy};
 use pingora::server::configuration::Opt;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -45,12 +45,9 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         .map(|url| redis_client(url, &settings))
         .transpose()?;
     let redis_bg = redis.as_ref().map(Client::clone_new);
-    let redis_link = redis.clone().map(|c| {
-        Arc::new(RedisLink::new(
-            c,
-            settings.redis_timeout.max(FIRST_CONNECT_WAIT),
-        ))
-    });
+    let redis_link = redis
+        .clone()
+        .map(|c| RedisLink::new(c, settings.redis_timeout.max(FIRST_CONNECT_WAIT)));
     let secret = match &settings.key_cache_secret {
         Some(s) => s.clone(),
         None => {
@@ -151,11 +148,12 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         "neuronetz-gateway",
     );
     proxy.add_tcp(&listen);
-    if let (Some(background), Some(link)) = (redis_bg, redis_link) {
+    if let (Some(client), Some(link)) = (redis_bg, redis_link) {
+        let background = RedisLink::new(client, FIRST_CONNECT_WAIT);
         server.add_service(background_service(
             "lease-renewal",
             LeaseRenewer {
-                redis: background.clone(),
+                redis: background.client().clone(),
                 book: leases,
                 inflight: inflight.clone(),
             },
@@ -226,10 +224,10 @@ fn redis_client(url: &SecretString, settings: &Settings) -> anyhow::Result<Clien
     Ok(client)
 }
 
-/// Owns the background connection (on this service's runtime) and closes both connections
+/// Keeps the background connection (on this service's runtime) and closes both connections
 /// at shutdown. Started as a service so it survives Pingora's daemon fork.
 struct RedisConnection {
-    background: Client,
+    background: Arc<RedisLink>,
     link: Arc<RedisLink>,
     inflight: Arc<AtomicUsize>,
 }
@@ -237,21 +235,11 @@ struct RedisConnection {
 #[async_trait]
 impl BackgroundService for RedisConnection {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let _task = self.background.connect();
-        if tokio::time::timeout(FIRST_CONNECT_WAIT, self.background.wait_for_connect())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "redis not reachable yet; the key cache works without it and will reconnect"
-            );
-        }
+        self.background.ensure_connected().await;
         let _ = shutdown.changed().await;
         // Requests still finishing settle their rate-limit charges through the proxy's link.
         crate::drain::until_idle(&self.inflight).await;
-        if self.link.is_started() {
-            let _ = self.link.client().quit().await;
-        }
-        let _ = self.background.quit().await;
+        self.link.quit().await;
+        self.background.quit().await;
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http::{self, Response};
-use common::{Deployment, Gateway};
+use common::{Deployment, Gateway, resp};
 
 fn env() -> Deployment {
     Deployment::start()
@@ -287,4 +287,61 @@ fn a_refusal_after_admission_tells_the_client_the_connection_closes() {
     // Pingora drops the connection after a refusal decided once the upstream was chosen; a
     // keep-alive client must not send its next request into it.
     assert_eq!(r.header("connection"), Some("close"));
+}
+
+/// A gateway that starts while Redis is down connects once it is up: its request-path
+/// connection (started by a request) and its background one (lease renewal) both retry a first
+/// connection that failed.
+#[test]
+fn a_gateway_started_before_redis_connects_once_it_is_up() {
+    let mut e = env();
+    e.redis.stop();
+    let g = gateway(&e, &[]);
+    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
+    let (key, prefix) = g.create_key("acme", "k", &[]);
+    g.cli(&["set-limits", "--prefix", &prefix, "--max-concurrent", "1"]);
+    assert_eq!(
+        chat(&g.addr, &key, &[]).status,
+        503,
+        "Redis down: limits fail closed"
+    );
+    e.redis.restart();
+    let start = Instant::now();
+    while chat(&g.addr, &key, &[]).status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the request path never connected to Redis"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A stream holds the key's only slot; the renewer must push its lease's expiry forward.
+    let addr = g.addr.clone();
+    let k = key.clone();
+    let stream = std::thread::spawn(move || {
+        chat(
+            &addr,
+            &k,
+            &[("x-sim-delay-ms", "500"), ("x-sim-chunks", "12")],
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let db_name = e.db.rsplit('/').next().unwrap_or("");
+    let key_id = common::sql_scalar_i64(
+        &e.db,
+        &format!("SELECT id FROM api_keys WHERE prefix = '{prefix}'"),
+    );
+    let set = format!("t-{db_name}:rl:k:{key_id}:c");
+    let expiry = || match resp::cmd(&e.redis.url, &["ZRANGE", &set, "0", "-1", "WITHSCORES"]) {
+        resp::Value::Array(v) => v.get(1).and_then(resp::Value::as_i64),
+        other => panic!("ZRANGE {set}: {other:?}"),
+    };
+    let first = expiry().expect("the stream holds a lease");
+    std::thread::sleep(Duration::from_millis(4000));
+    let renewed = expiry().expect("the lease is still held");
+    assert!(
+        renewed > first,
+        "the background connection never renewed the lease ({first} -> {renewed})"
+    );
+    assert_eq!(stream.join().expect("stream"), 200);
 }

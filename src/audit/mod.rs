@@ -101,6 +101,9 @@ pub struct AuditSink {
     /// Free capacity below which new requests are refused (503 `audit_backlog`) rather than
     /// served unaudited.
     low_water: usize,
+    /// Queue depth at which the writer is woken before its window closes: a full batch, or
+    /// less when the backlog limit comes first.
+    wake_at: usize,
 }
 
 impl AuditSink {
@@ -111,6 +114,7 @@ impl AuditSink {
                 tx,
                 pipeline,
                 low_water: capacity / 10,
+                wake_at: writer::FLUSH_AT.min(capacity - capacity / 10).max(1),
             },
             rx,
         )
@@ -122,7 +126,7 @@ impl AuditSink {
         if self.tx.send(event).await.is_err() {
             self.pipeline.done(1);
             tracing::error!("audit writer has stopped; an audit event was lost");
-        } else if self.queue_depth() >= writer::FLUSH_AT {
+        } else if self.queue_depth() >= self.wake_at {
             self.pipeline.batch_ready.notify_one();
         }
     }

@@ -280,20 +280,16 @@ impl BackgroundService for AuditWriter {
 impl AuditWriter {
     /// Lets a batch grow to `FLUSH_AT` events or for `FLUSH_WINDOW`, whichever comes first.
     /// Only the batch's first event woke this task; the rest are collected when the window
-    /// closes or the proxy reports `FLUSH_AT` events queued.
+    /// closes or when the proxy reports a deep queue.
     async fn fill(&self, rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>) {
-        let deadline = tokio::time::Instant::now() + FLUSH_WINDOW;
-        loop {
-            take_queued(rx, batch);
-            if batch.len() >= FLUSH_AT {
-                return;
-            }
+        take_queued(rx, batch);
+        if batch.len() < FLUSH_AT {
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep(FLUSH_WINDOW) => {}
                 _ = self.pipeline.batch_ready.notified() => {}
             }
+            take_queued(rx, batch);
         }
-        take_queued(rx, batch);
     }
 
     /// After the shutdown signal, requests still in flight keep finishing for the grace
