@@ -9,6 +9,7 @@
 //! background service, serves what must work before any request: the change feed's cache
 //! cleanup and lease renewal.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -81,5 +82,22 @@ impl RedisLink {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+}
+
+/// Bounds one call on the proxy's connection. That client has no per-command timeout of its
+/// own: fred's uses Tokio's timer wheel, whose lock the proxy workers then contended for twice
+/// per command (the profile showed the spinning as `sched_yield`). Pingora's timer takes no
+/// global lock.
+pub async fn bounded<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, fred::error::Error> {
+    match pingora_timeout::fast_timeout::fast_timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(fred::error::Error::new(
+            fred::error::ErrorKind::Timeout,
+            "redis call timed out",
+        )),
     }
 }

@@ -42,9 +42,13 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let redis = settings
         .redis_url
         .as_ref()
-        .map(|url| redis_client(url, &settings))
+        .map(|url| redis_client(url, &settings, None))
         .transpose()?;
-    let redis_bg = redis.as_ref().map(Client::clone_new);
+    let redis_bg = settings
+        .redis_url
+        .as_ref()
+        .map(|url| redis_client(url, &settings, Some(settings.redis_timeout)))
+        .transpose()?;
     let redis_link = redis
         .clone()
         .map(|c| RedisLink::new(c, settings.redis_timeout.max(FIRST_CONNECT_WAIT)));
@@ -62,6 +66,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         settings.key_cache_ttl,
         settings.negative_cache_ttl,
         redis.clone(),
+        settings.redis_timeout,
         &settings.redis_key_prefix,
     ));
     // Its own one-connection pool, created on the background service's runtime.
@@ -104,7 +109,8 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         inflight.clone(),
     );
     let leases = Arc::new(LeaseBook::default());
-    let seeder = redis.clone().map(|client| {
+    // Seeding is rare and may wait long: the background connection.
+    let seeder = redis_bg.clone().map(|client| {
         Arc::new(Seeder::new(
             client,
             store.clone(),
@@ -124,6 +130,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             budget_default_output: settings.budgets.default_output_tokens,
             ns: settings.redis_key_prefix.clone(),
             retry_busy: true,
+            redis_timeout: settings.redis_timeout,
         },
     );
     let clock_file = settings.clock_offset_file.clone();
@@ -205,15 +212,23 @@ fn random_secret() -> anyhow::Result<SecretString> {
     Ok(SecretString::from(hex::encode(bytes)))
 }
 
-/// A Redis client whose commands fail after `REDIS_TIMEOUT_MS` instead of queueing while the
-/// server is away, so the request path can fall back or fail closed quickly.
-fn redis_client(url: &SecretString, settings: &Settings) -> anyhow::Result<Client> {
+/// A Redis client whose commands fail at once while the server is away instead of queueing,
+/// so the request path can fall back or fail closed quickly. `command_timeout`: fred's own
+/// per-command timeout; the proxy's client has none and bounds its calls with
+/// [`crate::redis_link::bounded`] instead.
+fn redis_client(
+    url: &SecretString,
+    settings: &Settings,
+    command_timeout: Option<std::time::Duration>,
+) -> anyhow::Result<Client> {
     let mut config = Config::from_url(url.expose_secret())
         .map_err(|_| anyhow::anyhow!("invalid setting REDIS_URL: not a redis:// URL"))?;
     config.fail_fast = true;
     let timeout = settings.redis_timeout;
     let client = Builder::from_config(config)
-        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .with_performance_config(|p| {
+            p.default_command_timeout = command_timeout.unwrap_or(std::time::Duration::ZERO)
+        })
         .with_connection_config(|c| {
             c.connection_timeout = timeout.max(std::time::Duration::from_millis(500));
             c.internal_command_timeout = timeout.max(std::time::Duration::from_millis(500));

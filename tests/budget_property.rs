@@ -115,6 +115,7 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
                         budget_default_output: 200,
                         ns: ns.clone(),
                         retry_busy: false,
+                        redis_timeout: std::time::Duration::from_secs(2),
                     },
                 )
             })

@@ -345,3 +345,33 @@ fn a_gateway_started_before_redis_connects_once_it_is_up() {
     );
     assert_eq!(stream.join().expect("stream"), 200);
 }
+
+/// A Redis that hangs (connections open, nothing answered) is a fault like one that is gone:
+/// the request is answered after `REDIS_TIMEOUT_MS`, not when the client gives up.
+#[test]
+fn a_hanging_redis_fails_closed_after_the_timeout() {
+    let e = env();
+    let g = gateway(&e, &[("REDIS_TIMEOUT_MS", "300")]);
+    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
+    let (key, prefix) = g.create_key("acme", "k", &[]);
+    g.cli(&["set-limits", "--prefix", &prefix, "--rpm", "1000"]);
+    assert_eq!(chat(&g.addr, &key, &[]).status, 200);
+    e.redis.freeze(true);
+    let started = Instant::now();
+    let r = chat(&g.addr, &key, &[]);
+    let took = started.elapsed();
+    e.redis.freeze(false);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "answered after {took:?}"
+    );
+    let start = Instant::now();
+    while chat(&g.addr, &key, &[]).status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "limits never came back after Redis thawed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -68,17 +68,26 @@ pub struct PrincipalCache {
     ttl: Duration,
     negative_ttl: Duration,
     redis: Option<Client>,
+    /// Bounds each call on `redis` (the proxy's connection has no timeout of its own).
+    redis_timeout: Duration,
     /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
     ns: String,
 }
 
 impl PrincipalCache {
-    pub fn new(ttl: Duration, negative_ttl: Duration, redis: Option<Client>, ns: &str) -> Self {
+    pub fn new(
+        ttl: Duration,
+        negative_ttl: Duration,
+        redis: Option<Client>,
+        redis_timeout: Duration,
+        ns: &str,
+    ) -> Self {
         Self {
             local: RwLock::new(HashMap::new()),
             ttl,
             negative_ttl,
             redis,
+            redis_timeout,
             ns: ns.to_string(),
         }
     }
@@ -158,7 +167,9 @@ impl PrincipalCache {
         let Some(redis) = &self.redis else {
             return Ok(None);
         };
-        let raw: Option<String> = redis.get(self.redis_key(digest)).await?;
+        let raw: Option<String> =
+            crate::redis_link::bounded(self.redis_timeout, redis.get(self.redis_key(digest)))
+                .await?;
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
@@ -196,7 +207,7 @@ impl PrincipalCache {
             // The index outlives its newest entry by a little; stale members point at nothing.
             pipe.expire::<(), _>(index.as_str(), ttl + 5, None).await?;
         }
-        pipe.all::<()>().await
+        crate::redis_link::bounded(self.redis_timeout, pipe.all::<()>()).await
     }
 
     /// Forgets every cached principal of one key (or, with `key_id = None`, of a whole tenant),

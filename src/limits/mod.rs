@@ -30,6 +30,7 @@ use fred::types::scripts::Script;
 use crate::clock::{self, Periods};
 use crate::log_throttle::LogEvery;
 use crate::principal::{Principal, ScopeLimits};
+use crate::redis_link::bounded;
 use crate::settings::BudgetMode;
 use leases::LeaseBook;
 use seed::{SeedOutcome, SeedTarget, Seeder};
@@ -171,6 +172,7 @@ pub struct Limiter {
     default_output: u64,
     budget_default_output: u64,
     retry_busy: bool,
+    redis_timeout: Duration,
     warning: LogEvery,
     /// Namespace of the Redis keys (`REDIS_KEY_PREFIX`).
     ns: String,
@@ -189,6 +191,8 @@ pub struct LimiterConfig {
     pub ns: String,
     /// Retry a few times, briefly, when only reservations in flight fill a budget.
     pub retry_busy: bool,
+    /// Bounds each Redis call (the proxy's connection has no timeout of its own).
+    pub redis_timeout: Duration,
 }
 
 struct RateScope<'a> {
@@ -243,6 +247,7 @@ impl Limiter {
             default_output: config.default_output,
             budget_default_output: config.budget_default_output,
             retry_busy: config.retry_busy,
+            redis_timeout: config.redis_timeout,
             warning: LogEvery::new(Duration::from_secs(30)),
             ns: config.ns,
         }
@@ -406,7 +411,8 @@ impl Limiter {
                 args.push(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64))).to_string());
             }
         }
-        let reply: Vec<i64> = match self.admit.evalsha_with_reload(redis, keys, args).await {
+        let call = self.admit.evalsha_with_reload(redis, keys, args);
+        let reply: Vec<i64> = match bounded(self.redis_timeout, call).await {
             Ok(r) => r,
             Err(e) => {
                 crate::metrics::store_error("redis", "limits");
@@ -570,19 +576,18 @@ impl Limiter {
             return;
         }
         // A reservation whose set entry is gone lapses at the next admission on that scope.
-        let (redis, member) = (redis.clone(), member.to_string());
+        let (redis, member, limit) = (redis.clone(), member.to_string(), self.redis_timeout);
         tokio::spawn(async move {
             for set in sets {
-                let _ = redis
-                    .zadd::<(), _, _>(
-                        set,
-                        Some(fred::types::SetOptions::XX),
-                        None::<fred::types::sorted_sets::Ordering>,
-                        false,
-                        false,
-                        (0.0, member.as_str()),
-                    )
-                    .await;
+                let call = redis.zadd::<(), _, _>(
+                    set,
+                    Some(fred::types::SetOptions::XX),
+                    None::<fred::types::sorted_sets::Ordering>,
+                    false,
+                    false,
+                    (0.0, member.as_str()),
+                );
+                let _ = bounded(limit, call).await;
             }
         });
     }
@@ -616,6 +621,7 @@ impl Limiter {
             return;
         }
         let (settle, leases, member) = (self.settle.clone(), self.leases.clone(), admission.member);
+        let limit = self.redis_timeout;
         // Retried while the lease (and so the reservation) is kept alive: giving up would let
         // the reservation lapse without the usage ever reaching the counters.
         tokio::spawn(async move {
@@ -623,11 +629,9 @@ impl Limiter {
             let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
             while tokio::time::Instant::now() < give_up {
                 tokio::time::sleep(wait).await;
-                if settle
-                    .evalsha_with_reload::<i64, _, _>(&redis, keys.clone(), args.clone())
-                    .await
-                    .is_ok()
-                {
+                let call =
+                    settle.evalsha_with_reload::<i64, _, _>(&redis, keys.clone(), args.clone());
+                if bounded(limit, call).await.is_ok() {
                     break;
                 }
                 wait = (wait * 2).min(Duration::from_secs(15));
@@ -637,11 +641,10 @@ impl Limiter {
     }
 
     async fn run_settle(&self, redis: &Client, keys: &[String], args: &[String]) -> bool {
-        match self
-            .settle
-            .evalsha_with_reload::<i64, _, _>(redis, keys.to_vec(), args.to_vec())
-            .await
-        {
+        let call =
+            self.settle
+                .evalsha_with_reload::<i64, _, _>(redis, keys.to_vec(), args.to_vec());
+        match bounded(self.redis_timeout, call).await {
             Ok(_) => true,
             Err(e) => {
                 crate::metrics::store_error("redis", "settle");

@@ -228,6 +228,21 @@ impl Redis {
         self.proc = None;
     }
 
+    /// Freezes (`true`) or thaws the server: connections stay open, nothing is answered.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self
+            .proc
+            .as_ref()
+            .map(|p| p.child.id())
+            .expect("redis runs");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts an empty Redis again on the same port (it kept nothing: no persistence).
     pub fn restart(&mut self) {
         self.stop();

@@ -120,6 +120,10 @@ enum Cmd {
         /// Pingora worker threads for the passthrough and the gateway.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Run both proxies with Pingora's `work_stealing: false` (one single-threaded runtime
+        /// per worker thread; connections stay on the thread that accepted them).
+        #[arg(long)]
+        no_work_stealing: bool,
         /// Extra gateway setting NAME=VALUE (repeatable).
         #[arg(long = "gateway-env")]
         gateway_env: Vec<String>,
@@ -293,6 +297,7 @@ async fn main() -> anyhow::Result<()> {
             env_file,
             targets,
             threads,
+            no_work_stealing,
             gateway_env,
             settle,
             redis_monitor,
@@ -337,6 +342,7 @@ async fn main() -> anyhow::Result<()> {
                 redis_url,
                 targets,
                 threads,
+                work_stealing: !no_work_stealing,
                 progress: !output.quiet,
                 gateway_env,
                 settle,

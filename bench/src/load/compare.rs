@@ -26,6 +26,8 @@ pub struct CompareConfig {
     pub targets: Vec<String>,
     /// Pingora worker threads, the same for the passthrough and the gateway.
     pub threads: usize,
+    /// Pingora's `work_stealing` for both proxies (its default: true).
+    pub work_stealing: bool,
     pub progress: bool,
     /// Extra `NAME=VALUE` settings for the gateway.
     pub gateway_env: Vec<(String, String)>,
@@ -137,13 +139,14 @@ impl Drop for Stack {
     }
 }
 
-fn pingora_conf(dir: &Path, threads: usize) -> anyhow::Result<PathBuf> {
+fn pingora_conf(dir: &Path, threads: usize, work_stealing: bool) -> anyhow::Result<PathBuf> {
     let path = dir.join("pingora.yaml");
     let d = dir.display();
     std::fs::write(
         &path,
         format!(
-            "version: 1\nthreads: {threads}\ndaemon: false\npid_file: {d}/pingora.pid\n\
+            "version: 1\nthreads: {threads}\nwork_stealing: {work_stealing}\ndaemon: false\n\
+             pid_file: {d}/pingora.pid\n\
              error_log: {d}/pingora.err.log\nupgrade_sock: {d}/pingora-upgrade.sock\n\
              grace_period_seconds: 0\ngraceful_shutdown_timeout_seconds: 2\n\
              upstream_keepalive_pool_size: 128\nmax_retries: 2\n"
@@ -184,7 +187,7 @@ impl Stack {
                 );
             }
         }
-        let conf = pingora_conf(&dir, cfg.threads)?;
+        let conf = pingora_conf(&dir, cfg.threads, cfg.work_stealing)?;
 
         // (a) the simulator, on a port it picks and prints.
         let sim_log = dir.join("sim.log");
