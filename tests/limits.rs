@@ -35,6 +35,15 @@ fn chat(addr: &str, key: &str, extra: &[(&str, &str)]) -> Response {
     )
 }
 
+/// Retries a request until it is answered 200, for at most 10 s.
+fn until_admitted(addr: &str, key: &str, failure: &str) {
+    let start = Instant::now();
+    while chat(addr, key, &[]).status != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "{failure}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn two_gateways_enforce_one_rpm_limit_together() {
     let e = env();
@@ -306,14 +315,7 @@ fn a_gateway_started_before_redis_connects_once_it_is_up() {
         "Redis down: limits fail closed"
     );
     e.redis.restart();
-    let start = Instant::now();
-    while chat(&g.addr, &key, &[]).status != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the request path never connected to Redis"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until_admitted(&g.addr, &key, "the request path never connected to Redis");
     // A stream holds the key's only slot; the renewer must push its lease's expiry forward.
     let addr = g.addr.clone();
     let k = key.clone();
@@ -366,12 +368,5 @@ fn a_hanging_redis_fails_closed_after_the_timeout() {
         took >= Duration::from_millis(250) && took < Duration::from_secs(3),
         "answered after {took:?}"
     );
-    let start = Instant::now();
-    while chat(&g.addr, &key, &[]).status != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "limits never came back after Redis thawed"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until_admitted(&g.addr, &key, "limits never came back after Redis thawed");
 }
