@@ -316,7 +316,9 @@ fn a_gateway_started_before_redis_connects_once_it_is_up() {
     );
     e.redis.restart();
     until_admitted(&g.addr, &key, "the request path never connected to Redis");
-    // A stream holds the key's only slot; the renewer must push its lease's expiry forward.
+    // That request's lease is released just after its answer; then a stream holds the key's
+    // only slot, and the renewer must push its lease's expiry forward.
+    std::thread::sleep(Duration::from_millis(300));
     let addr = g.addr.clone();
     let k = key.clone();
     let stream = std::thread::spawn(move || {
