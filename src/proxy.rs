@@ -997,12 +997,11 @@ impl ProxyHttp for Gateway {
         };
         let code = err.status();
         // Pingora does not keep a connection after a proxy failure: say so, so a keep-alive
-        // client does not send its next request into a closing socket.
-        let mut headers = ctx.cors.clone();
-        headers.push((
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        ));
+        // client does not send its next request into a closing socket. Pingora writes the
+        // `Connection` header from the session's keep-alive state, whatever the response
+        // carries, so that state is what must change.
+        session.set_keepalive(None);
+        let headers = ctx.cors.clone();
         // A stream cut short by the upstream: close it in its own framing, so the client
         // sees an error rather than a truncated answer.
         if session.response_written().is_some()
