@@ -48,9 +48,7 @@ fn until_admitted(addr: &str, key: &str, failure: &str) {
 fn two_gateways_enforce_one_rpm_limit_together() {
     let e = env();
     let (a, b) = (gateway(&e, &[]), gateway(&e, &[]));
-    a.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
-    let (key, prefix) = a.create_key("acme", "k", &[]);
-    a.cli(&["set-limits", "--prefix", &prefix, "--rpm", "30"]);
+    let (key, _) = a.limited_key(&["--rpm", "30"]);
     let results = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..6)
         .map(|t| {
@@ -120,9 +118,7 @@ fn two_gateways_enforce_one_rpm_limit_together() {
 fn concurrency_slots_are_leases_a_killed_gateway_cannot_leak() {
     let e = env();
     let (mut a, b) = (gateway(&e, &[]), gateway(&e, &[]));
-    a.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
-    let (key, prefix) = a.create_key("acme", "k", &[]);
-    a.cli(&["set-limits", "--prefix", &prefix, "--max-concurrent", "2"]);
+    let (key, prefix) = a.limited_key(&["--max-concurrent", "2"]);
     let slow = |addr: String, key: String| {
         std::thread::spawn(move || {
             chat(
@@ -195,9 +191,7 @@ fn concurrency_slots_are_leases_a_killed_gateway_cannot_leak() {
 fn tpm_reservations_are_settled_to_actual_usage() {
     let e = env();
     let g = gateway(&e, &[("TPM_DEFAULT_OUTPUT_TOKENS", "50")]);
-    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
-    let (key, prefix) = g.create_key("acme", "k", &[]);
-    g.cli(&["set-limits", "--prefix", &prefix, "--tpm", "400"]);
+    let (key, _) = g.limited_key(&["--tpm", "400"]);
     // Each request reserves its prompt bound (88 body bytes + the 128-token template allowance)
     // + 50 = 266 tokens and uses 3 + 8 = 11. Without settlement the second would already be
     // refused.
@@ -287,9 +281,7 @@ fn redis_outage_fails_closed_unless_configured_open() {
 fn a_refusal_after_admission_tells_the_client_the_connection_closes() {
     let e = env();
     let g = gateway(&e, &[]);
-    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
-    let (key, prefix) = g.create_key("acme", "k", &[]);
-    g.cli(&["set-limits", "--prefix", &prefix, "--rpm", "1"]);
+    let (key, _) = g.limited_key(&["--rpm", "1"]);
     assert_eq!(chat(&g.addr, &key, &[]).status, 200);
     // Asked by a keep-alive client: Pingora drops the connection after a refusal decided once
     // the upstream was chosen, so the client must not send its next request into it.
@@ -306,9 +298,7 @@ fn a_gateway_started_before_redis_connects_once_it_is_up() {
     let mut e = env();
     e.redis.stop();
     let g = gateway(&e, &[]);
-    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
-    let (key, prefix) = g.create_key("acme", "k", &[]);
-    g.cli(&["set-limits", "--prefix", &prefix, "--max-concurrent", "1"]);
+    let (key, prefix) = g.limited_key(&["--max-concurrent", "1"]);
     assert_eq!(
         chat(&g.addr, &key, &[]).status,
         503,
@@ -356,9 +346,7 @@ fn a_gateway_started_before_redis_connects_once_it_is_up() {
 fn a_hanging_redis_fails_closed_after_the_timeout() {
     let e = env();
     let g = gateway(&e, &[("REDIS_TIMEOUT_MS", "300")]);
-    g.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
-    let (key, prefix) = g.create_key("acme", "k", &[]);
-    g.cli(&["set-limits", "--prefix", &prefix, "--rpm", "1000"]);
+    let (key, _) = g.limited_key(&["--rpm", "1000"]);
     assert_eq!(chat(&g.addr, &key, &[]).status, 200);
     e.redis.freeze(true);
     let started = Instant::now();

@@ -524,6 +524,17 @@ impl Gateway {
             .expect("run cli")
     }
 
+    /// Tenant `acme` (every model allowed) with one key `k` under `set-limits` `limits`:
+    /// (key, prefix).
+    pub fn limited_key(&self, limits: &[&str]) -> (String, String) {
+        self.cli(&["create-tenant", "--name", "acme", "--allow-all-models"]);
+        let (key, prefix) = self.create_key("acme", "k", &[]);
+        let mut args = vec!["set-limits", "--prefix", prefix.as_str()];
+        args.extend_from_slice(limits);
+        self.cli(&args);
+        (key, prefix)
+    }
+
     pub fn create_key(&self, tenant: &str, name: &str, extra: &[&str]) -> (String, String) {
         let mut args = vec!["create-key", "--tenant", tenant, "--name", name, "--json"];
         args.extend_from_slice(extra);
