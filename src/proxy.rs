@@ -395,19 +395,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// Settles as soon as the upstream's body has ended, while its last bytes go out, so a
-    /// client's next request finds the budget already corrected. The upstream slot travels
-    /// with the settlement: shutdown waits for it like for a request.
+    /// Settles as soon as the upstream's body has ended, while its last bytes go out, so the
+    /// settlement is queued before the client can send its next request (which then carries
+    /// it to Redis). Shutdown sends what is still queued before it closes Redis.
     fn settle_early(&self, ctx: &mut RequestCtx) {
         let Some(admission) = ctx.admission.take() else {
             return;
         };
         let actual = ctx.outcome.as_ref().map_or(0, |o| o.usage.total());
-        let (state, slot) = (self.state.clone(), ctx.upstream_slot.take());
-        tokio::spawn(async move {
-            state.limiter.settle(admission, actual).await;
-            drop(slot);
-        });
+        self.state.limiter.settle(admission, actual);
     }
 
     async fn serve_gateway_endpoint(
@@ -1040,7 +1036,7 @@ impl ProxyHttp for Gateway {
         let outcome = ctx.outcome.as_ref();
         if let Some(admission) = ctx.admission.take() {
             let actual = outcome.map_or(0, |o| o.usage.total());
-            self.state.limiter.settle(admission, actual).await;
+            self.state.limiter.settle(admission, actual);
         }
         // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
         // balancers; they are counted in metrics, not audited.

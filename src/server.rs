@@ -19,6 +19,7 @@ use crate::auth::change_feed::{ChangeFollower, ChangeLog};
 use crate::auth::hasher::KeyHasher;
 use crate::limits::leases::{LeaseBook, LeaseRenewer};
 use crate::limits::seed::Seeder;
+use crate::limits::settlement::SettleQueue;
 use crate::limits::{Limiter, LimiterConfig};
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
@@ -29,6 +30,8 @@ use crate::upstream::Upstreams;
 
 /// How long the first use of a Redis connection waits for it.
 const FIRST_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Longest shutdown waits for queued settlements once the last request is done.
+const SETTLE_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::Result<()> {
     let db_url = settings.require_database_url()?.clone();
@@ -131,6 +134,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             ns: settings.redis_key_prefix.clone(),
             retry_busy: true,
             redis_timeout: settings.redis_timeout,
+            settle_after: crate::limits::settlement::FLUSH_AFTER,
         },
     );
     let clock_file = settings.clock_offset_file.clone();
@@ -146,6 +150,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         redis: redis_link.clone(),
     });
 
+    let settlements = state.limiter.settlements();
     let mut server =
         Server::new(Some(pingora_opt)).map_err(|e| anyhow::anyhow!("pingora conf: {e}"))?;
     server.bootstrap();
@@ -171,6 +176,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
                 background,
                 link,
                 inflight: inflight.clone(),
+                settlements,
             },
         ));
     }
@@ -245,6 +251,7 @@ struct RedisConnection {
     background: Arc<RedisLink>,
     link: Arc<RedisLink>,
     inflight: Arc<AtomicUsize>,
+    settlements: Option<Arc<SettleQueue>>,
 }
 
 #[async_trait]
@@ -254,6 +261,11 @@ impl BackgroundService for RedisConnection {
         let _ = shutdown.changed().await;
         // Requests still finishing settle their rate-limit charges through the proxy's link.
         crate::drain::until_idle(&self.inflight).await;
+        if let Some(queue) = &self.settlements {
+            queue
+                .drain(tokio::time::Instant::now() + SETTLE_DRAIN_WAIT)
+                .await;
+        }
         self.link.quit().await;
         self.background.quit().await;
     }

@@ -5,14 +5,19 @@
 //! left behind.
 //!
 //! Each case is replayable from its seed (printed on failure).
+//!
+//! Also here: how settlements reach Redis (carried by the instance's next admission, or sent by
+//! the flusher when none comes).
 
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface};
 use neuronetz_gateway::clock::Periods;
 use neuronetz_gateway::limits::leases::LeaseBook;
+use neuronetz_gateway::limits::settlement::FLUSH_AFTER;
 use neuronetz_gateway::limits::{Admission, Demand, LimitError, Limiter, LimiterConfig};
 use neuronetz_gateway::principal::{Principal, PrincipalIds, SubjectSettings};
 use neuronetz_gateway::settings::BudgetMode;
@@ -94,6 +99,131 @@ struct Open {
     cap: u64,
 }
 
+fn limiter(redis: &Client, ns: &str, min_output: u64, settle_after: Duration) -> Limiter {
+    Limiter::new(
+        Some(redis.clone()),
+        Arc::new(LeaseBook::default()),
+        None,
+        LimiterConfig {
+            fail_open: false,
+            mode: BudgetMode::Reserve,
+            min_output,
+            default_output: 64,
+            budget_default_output: 200,
+            ns: ns.to_string(),
+            retry_busy: false,
+            redis_timeout: Duration::from_secs(2),
+            settle_after,
+        },
+    )
+}
+
+/// One concurrent request allowed, and a daily budget.
+fn one_at_a_time(daily: i64) -> Principal {
+    let key = SubjectSettings {
+        max_concurrent: Some(1),
+        budget_daily: Some(daily),
+        ..Default::default()
+    };
+    Principal::flatten(
+        PrincipalIds {
+            tenant_id: 2,
+            tenant_name: "t".into(),
+            key_id: 21,
+            key_prefix: "nz_000000021".into(),
+            key_name: "k".into(),
+        },
+        None,
+        &SubjectSettings::default(),
+        &key,
+    )
+}
+
+fn demand(periods: Periods) -> Demand {
+    Demand {
+        prompt_bound: 10,
+        output_cap: Some(20),
+        periods,
+        event_id: uuid::Uuid::new_v4(),
+    }
+}
+
+async fn used_today(redis: &Client, hash: &str) -> (Option<i64>, Option<i64>) {
+    let fields: std::collections::HashMap<String, String> =
+        redis.hgetall(hash).await.expect("hgetall");
+    let get = |f: &str| fields.get(f).and_then(|v| v.parse::<i64>().ok());
+    (get("d"), get("rsum"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_admission_carries_the_previous_settlement() {
+    let redis = redis().await;
+    let periods = Periods::at(chrono::Utc::now());
+    let ns = format!("carry-{}", uuid::Uuid::new_v4().simple());
+    let hash = format!("{ns}:bu:k:21");
+    fresh_counters(&redis, &hash, &periods).await;
+    // No flusher within the test: only an admission can send the settlement.
+    let limiter = limiter(&redis, &ns, 1, Duration::from_secs(600));
+    let queue = limiter.settlements().expect("queue");
+    let key = one_at_a_time(1000);
+    let first = limiter.admit(&key, &demand(periods)).await;
+    let first = first.expect("admitted").expect("limits apply");
+    limiter.settle(first, 7);
+    assert_eq!(queue.outstanding(), 1);
+    // Still in the queue: the slot and the reservation (10 + 20) are held in Redis.
+    assert_eq!(used_today(&redis, &hash).await, (Some(0), Some(30)));
+    // The one concurrency slot is free for the second request only because its own call
+    // settled the first before checking.
+    let second = limiter.admit(&key, &demand(periods)).await;
+    let second = second.expect("admitted after the carried settlement");
+    assert_eq!(
+        queue.outstanding(),
+        0,
+        "the admission carried the settlement"
+    );
+    assert_eq!(used_today(&redis, &hash).await, (Some(7), Some(30)));
+    limiter.settle(second.expect("limits apply"), 3);
+    flush(&limiter).await;
+    assert_eq!(used_today(&redis, &hash).await, (Some(10), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instance_settles_within_moments() {
+    let redis = redis().await;
+    let periods = Periods::at(chrono::Utc::now());
+    let ns = format!("flush-{}", uuid::Uuid::new_v4().simple());
+    let hash = format!("{ns}:bu:k:21");
+    fresh_counters(&redis, &hash, &periods).await;
+    let limiter = limiter(&redis, &ns, 1, FLUSH_AFTER);
+    let queue = limiter.settlements().expect("queue");
+    let key = one_at_a_time(1000);
+    for used in [5, 9] {
+        let admission = limiter.admit(&key, &demand(periods)).await;
+        limiter.settle(admission.expect("admitted").expect("limits apply"), used);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while queue.outstanding() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        queue.outstanding(),
+        0,
+        "the flusher sent the last settlement"
+    );
+    assert_eq!(used_today(&redis, &hash).await, (Some(14), Some(0)));
+}
+
+/// Sends the limiter's queued settlements and returns once Redis has them.
+async fn flush(limiter: &Limiter) {
+    let queue = limiter
+        .settlements()
+        .expect("a limiter with Redis queues settlements");
+    queue
+        .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(queue.outstanding(), 0, "settlements left unsent");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
     let redis = redis().await;
@@ -102,23 +232,7 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let ns = format!("prop-{}", uuid::Uuid::new_v4().simple());
         let limiters: Vec<Limiter> = (0..2)
-            .map(|_| {
-                Limiter::new(
-                    Some(redis.clone()),
-                    Arc::new(LeaseBook::default()),
-                    None,
-                    LimiterConfig {
-                        fail_open: false,
-                        mode: BudgetMode::Reserve,
-                        min_output: rng.range(1, 4),
-                        default_output: 64,
-                        budget_default_output: 200,
-                        ns: ns.clone(),
-                        retry_busy: false,
-                        redis_timeout: std::time::Duration::from_secs(2),
-                    },
-                )
-            })
+            .map(|_| limiter(&redis, &ns, rng.range(1, 4), FLUSH_AFTER))
             .collect();
         let tenant_budget = rng.range(150, 1200) as i64;
         let key_budgets = [rng.range(100, 900) as i64, rng.range(100, 900) as i64];
@@ -167,8 +281,13 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
                 let o = open.swap_remove(rng.below(open.len() as u64) as usize);
                 // What Ollama may use: at most the prompt bound and the cap it was given.
                 let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
-                limiters[o.limiter].settle(o.admission, actual).await;
+                limiters[o.limiter].settle(o.admission, actual);
                 used[o.key] += actual as i64;
+            }
+            // Settlements wait for the next admission of their instance, or the flusher; now
+            // and then this sends them at once, so every order of the two gets tried.
+            if rng.below(4) == 0 {
+                flush(&limiters[rng.below(2) as usize]).await;
             }
             for k in 0..2 {
                 assert!(
@@ -186,8 +305,11 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
         }
         for o in open.drain(..) {
             let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
-            limiters[o.limiter].settle(o.admission, actual).await;
+            limiters[o.limiter].settle(o.admission, actual);
             used[o.key] += actual as i64;
+        }
+        for limiter in &limiters {
+            flush(limiter).await;
         }
         assert!(used[0] <= key_budgets[0] && used[1] <= key_budgets[1]);
         assert!(used[0] + used[1] <= tenant_budget);

@@ -1,8 +1,9 @@
 //! Rate limits and budgets (SPEC §5, §6): requests per minute, tokens per minute, concurrent
 //! requests and daily/monthly/total token budgets, per key and per tenant, all decided in one
 //! atomic Redis round trip (a Lua script via EVALSHA, reloaded on NOSCRIPT) and settled with the
-//! actual token count in a second one after the response. Several gateway instances sharing one
-//! Redis enforce one limit together.
+//! actual token count after the response: the settlement is queued and rides on the instance's
+//! next admission call, or a flusher sends it after a few milliseconds ([`settlement`]). Several
+//! gateway instances sharing one Redis enforce one limit together.
 //!
 //! Minute windows slide: two 60 s buckets, the previous one weighted by the part of it that
 //! still overlaps the last minute (the estimate pingora-limits uses). Tokens cannot be known in
@@ -20,6 +21,7 @@
 pub mod leases;
 pub mod reservation;
 pub mod seed;
+pub mod settlement;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,18 +36,20 @@ use crate::redis_link::bounded;
 use crate::settings::BudgetMode;
 use leases::LeaseBook;
 use seed::{SeedOutcome, SeedTarget, Seeder};
+use settlement::{MAX_CARRIED, SettleQueue, Settlement};
 
 /// How long a concurrency lease or budget reservation lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
-const ADMIT_LUA: &str = include_str!("admit.lua");
+/// One script settles and admits: limits.lua calls the functions the two files before it define.
+const LIMITS_LUA: &str = concat!(
+    include_str!("settle.lua"),
+    include_str!("admit.lua"),
+    include_str!("limits.lua")
+);
 /// Largest token amount sent to Redis (2^40): far above any real limit, far below where Lua
 /// numbers lose integer precision.
 const MAX_TOKENS: u64 = 1 << 40;
-const SETTLE_LUA: &str = include_str!("settle.lua");
-/// How long a failed settlement is retried (Redis away for longer loses its counters' view of
-/// this request; Postgres still has its usage).
-const SETTLE_RETRY_FOR: Duration = Duration::from_secs(3600);
 /// Waits before admitting again when only reservations of requests in flight fill a budget.
 const BUSY_RETRIES: [Duration; 3] = [
     Duration::from_millis(20),
@@ -158,8 +162,9 @@ pub struct Admission {
 
 pub struct Limiter {
     redis: Option<Client>,
-    admit: Script,
-    settle: Script,
+    script: Arc<Script>,
+    /// Present with Redis: settlements wait there for the next admission's call.
+    settlements: Option<Arc<SettleQueue>>,
     /// Random per process; with `admissions` it names each admission's leases uniquely
     /// across instances.
     instance: String,
@@ -193,6 +198,8 @@ pub struct LimiterConfig {
     pub retry_busy: bool,
     /// Bounds each Redis call (the proxy's connection has no timeout of its own).
     pub redis_timeout: Duration,
+    /// How long a settlement waits for an admission to carry it ([`settlement::FLUSH_AFTER`]).
+    pub settle_after: Duration,
 }
 
 struct RateScope<'a> {
@@ -233,10 +240,19 @@ impl Limiter {
         seeder: Option<Arc<Seeder>>,
         config: LimiterConfig,
     ) -> Self {
+        let script = Arc::new(Script::from_lua(LIMITS_LUA));
+        let settlements = redis.clone().map(|client| {
+            SettleQueue::new(
+                client,
+                script.clone(),
+                (config.redis_timeout, config.settle_after),
+                leases.clone(),
+            )
+        });
         Self {
             redis,
-            admit: Script::from_lua(ADMIT_LUA),
-            settle: Script::from_lua(SETTLE_LUA),
+            script,
+            settlements,
             instance: format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0),
             admissions: std::sync::atomic::AtomicU64::new(0),
             leases,
@@ -411,8 +427,21 @@ impl Limiter {
                 args.push(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64))).to_string());
             }
         }
-        let call = self.admit.evalsha_with_reload(redis, keys, args);
-        let reply: Vec<i64> = match bounded(self.redis_timeout, call).await {
+        // Settlements this instance has queued ride on this call, settled before the checks.
+        let carried = self.settlements.as_ref().map(|q| (q, q.take(MAX_CARRIED)));
+        let (keys, args) = match &carried {
+            Some((_, c)) => c.call(keys, args),
+            None => (keys, args),
+        };
+        let call = self.script.evalsha_with_reload(redis, keys, args);
+        let result = bounded(self.redis_timeout, call).await;
+        if let Some((queue, carried)) = carried {
+            match &result {
+                Ok(_) => queue.done(carried),
+                Err(e) => queue.failed(carried, e),
+            }
+        }
+        let reply: Vec<i64> = match result {
             Ok(r) => r,
             Err(e) => {
                 crate::metrics::store_error("redis", "limits");
@@ -608,51 +637,21 @@ impl Limiter {
     }
 
     /// Corrects the token buckets and budgets to `actual` tokens and releases the concurrency
-    /// lease and budget reservation. A failed settlement is retried for a while; its lease and
-    /// reservation are renewed meanwhile, so nothing lapses into a wrong count.
-    pub async fn settle(&self, admission: Admission, actual: u64) {
-        let Some(redis) = self.redis.clone() else {
+    /// lease and budget reservation: queued for the next admission's Redis call, or the
+    /// flusher's ([`settlement`]). The lease, and so the reservation, is renewed until Redis
+    /// has the settlement.
+    pub fn settle(&self, admission: Admission, actual: u64) {
+        let Some(queue) = &self.settlements else {
             self.leases.release(&admission.member);
             return;
         };
         let (keys, args) = admission.settle_call(actual.min(MAX_TOKENS));
-        if self.run_settle(&redis, &keys, &args).await {
-            self.leases.release(&admission.member);
-            return;
-        }
-        let (settle, leases, member) = (self.settle.clone(), self.leases.clone(), admission.member);
-        let limit = self.redis_timeout;
-        // Retried while the lease (and so the reservation) is kept alive: giving up would let
-        // the reservation lapse without the usage ever reaching the counters.
-        tokio::spawn(async move {
-            let mut wait = Duration::from_secs(1);
-            let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
-            while tokio::time::Instant::now() < give_up {
-                tokio::time::sleep(wait).await;
-                let call =
-                    settle.evalsha_with_reload::<i64, _, _>(&redis, keys.clone(), args.clone());
-                if bounded(limit, call).await.is_ok() {
-                    break;
-                }
-                wait = (wait * 2).min(Duration::from_secs(15));
-            }
-            leases.release(&member);
-        });
+        queue.push(Settlement::new(keys, args, admission.member));
     }
 
-    async fn run_settle(&self, redis: &Client, keys: &[String], args: &[String]) -> bool {
-        let call =
-            self.settle
-                .evalsha_with_reload::<i64, _, _>(redis, keys.to_vec(), args.to_vec());
-        match bounded(self.redis_timeout, call).await {
-            Ok(_) => true,
-            Err(e) => {
-                crate::metrics::store_error("redis", "settle");
-                self.warning
-                    .warn(|| tracing::warn!(error = %e, "limit settlement failed; retrying"));
-                false
-            }
-        }
+    /// Settlements not yet in Redis: shutdown sends them before it closes the connection.
+    pub fn settlements(&self) -> Option<Arc<SettleQueue>> {
+        self.settlements.clone()
     }
 
     pub fn redis(&self) -> Option<&Client> {

@@ -1,0 +1,287 @@
+//! Settlements waiting for their Redis call.
+//!
+//! A finished request's settlement is queued, not sent on its own: the next admission of this
+//! instance carries every queued settlement in its script call (`limits.lua` settles them before
+//! it admits), and when no admission comes within [`FLUSH_AFTER`] a flusher task sends them in
+//! one call. Under load a request then costs one `EVALSHA`, not two, and an idle instance
+//! settles within a few milliseconds. A client's next request on the same instance settles its
+//! previous one first, in the same atomic call, so it never meets its own stale reservation.
+//!
+//! A failed call puts its settlements back with a growing delay; their leases (and so their
+//! reservations) stay renewed meanwhile, so nothing lapses into a wrong count.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::prelude::Client;
+use fred::types::scripts::Script;
+use tokio::time::Instant;
+
+use super::leases::LeaseBook;
+use crate::log_throttle::LogEvery;
+use crate::redis_link::bounded;
+
+/// How long a settlement waits for an admission to carry it before the flusher sends it.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
+/// Most settlements one admission carries: each adds a few µs to that admission's call.
+pub const MAX_CARRIED: usize = 16;
+/// Most settlements in one flusher call.
+const MAX_FLUSHED: usize = 128;
+/// How long a failed settlement is retried (Redis away for longer loses its counters' view of
+/// this request; Postgres still has its usage).
+const RETRY_FOR: Duration = Duration::from_secs(3600);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LONGEST_RETRY: Duration = Duration::from_secs(15);
+/// How often a flusher whose settlements all wait for a retry looks for new ones.
+const IDLE_LOOK: Duration = Duration::from_millis(100);
+
+/// One admitted request's settlement call (see settle.lua for its keys and arguments).
+pub struct Settlement {
+    pub keys: Vec<String>,
+    pub args: Vec<String>,
+    /// Its lease, released once Redis has the settlement.
+    pub member: String,
+    retry: Option<Retry>,
+}
+
+struct Retry {
+    at: Instant,
+    wait: Duration,
+    give_up: Instant,
+}
+
+impl Settlement {
+    pub fn new(keys: Vec<String>, args: Vec<String>, member: String) -> Self {
+        Self {
+            keys,
+            args,
+            member,
+            retry: None,
+        }
+    }
+
+    fn ready(&self, now: Instant) -> bool {
+        self.retry.as_ref().is_none_or(|r| r.at <= now)
+    }
+}
+
+/// The settlements of one script call, written in front of the call's own keys and
+/// arguments, as limits.lua reads them.
+pub struct Carried(Vec<Settlement>);
+
+impl Carried {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The call's keys and arguments: the settlements', then `keys` and `args`.
+    pub fn call(&self, keys: Vec<String>, args: Vec<String>) -> (Vec<String>, Vec<String>) {
+        let key_count = self.0.iter().map(|s| s.keys.len()).sum::<usize>() + keys.len();
+        let arg_count = self.0.iter().map(|s| s.args.len() + 2).sum::<usize>() + args.len() + 1;
+        let mut all_keys = Vec::with_capacity(key_count);
+        let mut all_args = Vec::with_capacity(arg_count);
+        all_args.push(self.0.len().to_string());
+        for s in &self.0 {
+            all_keys.extend(s.keys.iter().cloned());
+            all_args.push(s.keys.len().to_string());
+            all_args.push(s.args.len().to_string());
+            all_args.extend(s.args.iter().cloned());
+        }
+        all_keys.extend(keys);
+        all_args.extend(args);
+        (all_keys, all_args)
+    }
+}
+
+pub struct SettleQueue {
+    redis: Client,
+    script: Arc<Script>,
+    timeout: Duration,
+    flush_after: Duration,
+    leases: Arc<LeaseBook>,
+    pending: Mutex<VecDeque<Settlement>>,
+    /// Queued or in a call whose answer has not come yet: shutdown waits for none.
+    outstanding: AtomicUsize,
+    /// A flusher task is scheduled.
+    armed: AtomicBool,
+    warning: LogEvery,
+}
+
+impl SettleQueue {
+    pub fn new(
+        redis: Client,
+        script: Arc<Script>,
+        (timeout, flush_after): (Duration, Duration),
+        leases: Arc<LeaseBook>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            redis,
+            script,
+            timeout,
+            flush_after,
+            leases,
+            pending: Mutex::new(VecDeque::new()),
+            outstanding: AtomicUsize::new(0),
+            armed: AtomicBool::new(false),
+            warning: LogEvery::new(Duration::from_secs(30)),
+        })
+    }
+
+    /// Queues a settlement; the next admission or the flusher sends it.
+    pub fn push(self: &Arc<Self>, settlement: Settlement) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.requeue(settlement);
+    }
+
+    fn requeue(self: &Arc<Self>, settlement: Settlement) {
+        if let Ok(mut q) = self.pending.lock() {
+            q.push_back(settlement);
+        }
+        if !self.armed.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.clone().flusher());
+        }
+    }
+
+    /// Takes up to `max` settlements ready to be sent, for an admission to carry.
+    pub fn take(&self, max: usize) -> Carried {
+        let mut out = Vec::new();
+        let Ok(mut q) = self.pending.lock() else {
+            return Carried(out);
+        };
+        if q.is_empty() {
+            return Carried(out);
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < q.len() && out.len() < max {
+            if q[i].ready(now) {
+                out.extend(q.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        Carried(out)
+    }
+
+    /// The call that carried `carried` answered: Redis has them.
+    pub fn done(&self, carried: Carried) {
+        for s in carried.0 {
+            self.finish(&s.member);
+        }
+    }
+
+    /// The call that carried `carried` failed or timed out: retry them later.
+    pub fn failed(self: &Arc<Self>, carried: Carried, error: &dyn std::fmt::Display) {
+        if carried.is_empty() {
+            return;
+        }
+        crate::metrics::store_error("redis", "settle");
+        self.warning
+            .warn(|| tracing::warn!(error = %error, "limit settlement failed; retrying"));
+        let now = Instant::now();
+        for mut s in carried.0 {
+            let retry = match s.retry.take() {
+                None => Retry {
+                    at: now + FIRST_RETRY,
+                    wait: FIRST_RETRY,
+                    give_up: now + RETRY_FOR,
+                },
+                Some(r) if now >= r.give_up => {
+                    tracing::warn!("limit settlement given up after an hour of Redis failures");
+                    self.finish(&s.member);
+                    continue;
+                }
+                Some(r) => {
+                    let wait = (r.wait * 2).min(LONGEST_RETRY);
+                    Retry {
+                        at: now + wait,
+                        wait,
+                        give_up: r.give_up,
+                    }
+                }
+            };
+            s.retry = Some(retry);
+            self.requeue(s);
+        }
+    }
+
+    fn finish(&self, member: &str) {
+        self.leases.release(member);
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Sends what no admission has carried after `flush_after`; runs while anything is queued.
+    async fn flusher(self: Arc<Self>) {
+        tokio::time::sleep(self.flush_after).await;
+        loop {
+            let batch = self.take(MAX_FLUSHED);
+            if !batch.is_empty() {
+                self.send(batch).await;
+                continue;
+            }
+            if self.is_empty() {
+                self.armed.store(false, Ordering::Release);
+                // A push between the look and the store saw the flag still set.
+                if self.is_empty() || self.armed.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                continue;
+            }
+            // Everything queued waits for a retry.
+            tokio::time::sleep(IDLE_LOOK).await;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().map_or(true, |q| q.is_empty())
+    }
+
+    async fn send(self: &Arc<Self>, batch: Carried) -> bool {
+        let (keys, args) = batch.call(Vec::new(), Vec::new());
+        let call = self
+            .script
+            .evalsha_with_reload::<Vec<i64>, _, _>(&self.redis, keys, args);
+        match bounded(self.timeout, call).await {
+            Ok(_) => {
+                self.done(batch);
+                true
+            }
+            Err(e) => {
+                self.failed(batch, &e);
+                false
+            }
+        }
+    }
+
+    /// At shutdown, after the last request: sends everything still queued, those waiting for
+    /// a retry included, and returns when Redis has it all, or at `until`.
+    pub async fn drain(self: &Arc<Self>, until: Instant) {
+        while self.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            let batch = self.take_all();
+            if batch.is_empty() {
+                // In a call of an admission or of the flusher.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            if !self.send(batch).await {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    fn take_all(&self) -> Carried {
+        let all = self
+            .pending
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default();
+        Carried(all)
+    }
+
+    /// Settlements queued or in a call.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+}
