@@ -128,13 +128,13 @@ async fn read_loop(
 }
 
 /// Top-level members in document order, duplicates kept (serde_json's `Map` would merge them).
-struct Members<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
+struct MemberList<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
 
-impl<'de> serde::Deserialize<'de> for Members<'de> {
+impl<'de> serde::Deserialize<'de> for MemberList<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
+            type Value = MemberList<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
@@ -143,7 +143,7 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
                 while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     out.push((k, map.next_value::<&'de RawValue>()?));
                 }
-                Ok(Members(out))
+                Ok(MemberList(out))
             }
         }
         d.deserialize_map(V)
@@ -155,7 +155,7 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
 /// `s` and the Kelvin sign (U+212A) to `k`, and lets the last duplicate win. Every field Ollama
 /// reads is lower-case ASCII, so a key with an ASCII capital or one of those two letters can
 /// only be an attempt to be read as another field; exact duplicates are refused too.
-fn check_keys(members: &Members<'_>) -> Result<(), GatewayError> {
+fn check_keys(members: &MemberList<'_>) -> Result<(), GatewayError> {
     for (i, (k, _)) in members.0.iter().enumerate() {
         if k.chars()
             .any(|c| c.is_ascii_uppercase() || c == '\u{17F}' || c == '\u{212A}')
@@ -175,162 +175,211 @@ fn check_keys(members: &Members<'_>) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Parses a request body and extracts the model it names, refusing ambiguity.
-pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError> {
-    let bad = |m: &str| GatewayError::BadRequest(m.to_string());
-    let members: Members =
-        serde_json::from_slice(body).map_err(|_| bad("request body is not a valid JSON object"))?;
-    check_keys(&members)?;
-    for nested in ["options", "stream_options"] {
-        if let Some((_, v)) = members.0.iter().find(|(k, _)| k.as_ref() == nested)
-            && v.get().starts_with('{')
-        {
-            let inner: Members =
-                serde_json::from_str(v.get()).map_err(|_| bad("request body is not valid JSON"))?;
-            check_keys(&inner)?;
+/// A request body's top-level members, parsed once (a full pass over a body that may be
+/// megabytes) and shared by the model check, the policy clamps and the edits.
+pub struct Members<'a> {
+    list: MemberList<'a>,
+    len: usize,
+}
+
+impl<'a> Members<'a> {
+    /// Parses `body` as a JSON object, refusing keys Ollama's decoder could read differently
+    /// (here and in `options` / `stream_options`).
+    pub fn of(body: &'a [u8]) -> Result<Self, GatewayError> {
+        let bad = |m: &str| GatewayError::BadRequest(m.to_string());
+        let list: MemberList = serde_json::from_slice(body)
+            .map_err(|_| bad("request body is not a valid JSON object"))?;
+        check_keys(&list)?;
+        let members = Self {
+            list,
+            len: body.len(),
+        };
+        for nested in ["options", "stream_options"] {
+            if let Some(v) = members.get(nested)
+                && v.get().starts_with('{')
+            {
+                let inner: MemberList = serde_json::from_str(v.get())
+                    .map_err(|_| bad("request body is not valid JSON"))?;
+                check_keys(&inner)?;
+            }
         }
+        Ok(members)
     }
-    let get = |name: &str| {
-        members
+
+    /// Parsed without the key checks: for a body the gateway itself wrote from checked ones.
+    fn unchecked(body: &'a [u8]) -> Result<Self, GatewayError> {
+        let list: MemberList = serde_json::from_slice(body).map_err(|_| {
+            GatewayError::BadRequest("request body is not a valid JSON object".into())
+        })?;
+        Ok(Self {
+            list,
+            len: body.len(),
+        })
+    }
+
+    /// The raw text of the member `name`.
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.list
             .0
             .iter()
             .find(|(k, _)| k.as_ref() == name)
             .map(|(_, v)| *v)
-    };
-    let as_string = |name: &str, v: &RawValue| -> Result<Option<String>, GatewayError> {
-        match serde_json::from_str::<Option<String>>(v.get()) {
-            Ok(s) => Ok(s.filter(|s| !s.is_empty())),
-            Err(_) => Err(GatewayError::BadRequest(format!(
-                "`{name}` must be a string"
-            ))),
+    }
+
+    /// The member `name` as a JSON object (`None` when absent or `null`).
+    pub fn object(
+        &self,
+        name: &str,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, GatewayError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => serde_json::from_str::<Option<_>>(v.get())
+                .map_err(|_| GatewayError::BadRequest(format!("`{name}` must be an object"))),
         }
-    };
-    let model = get("model")
-        .map(|v| as_string("model", v))
-        .transpose()?
-        .flatten();
-    let name = match field {
-        ModelField::ModelOrName => get("name")
-            .map(|v| as_string("name", v))
+    }
+
+    /// The member `name` as a JSON value (`None` when absent).
+    pub fn value(&self, name: &str) -> Option<serde_json::Value> {
+        self.get(name)
+            .and_then(|v| serde_json::from_str(v.get()).ok())
+    }
+
+    /// Extracts the model the body names, refusing ambiguity.
+    pub fn read(&self, field: ModelField) -> Result<ParsedBody, GatewayError> {
+        let bad = |m: &str| GatewayError::BadRequest(m.to_string());
+        let as_string = |name: &str, v: &RawValue| -> Result<Option<String>, GatewayError> {
+            match serde_json::from_str::<Option<String>>(v.get()) {
+                Ok(s) => Ok(s.filter(|s| !s.is_empty())),
+                Err(_) => Err(GatewayError::BadRequest(format!(
+                    "`{name}` must be a string"
+                ))),
+            }
+        };
+        let model = self
+            .get("model")
+            .map(|v| as_string("model", v))
             .transpose()?
-            .flatten(),
-        ModelField::Model => None,
-    };
-    let model = match (model, name) {
-        (Some(m), Some(n)) if m != n => {
-            return Err(bad("`model` and `name` name different models"));
-        }
-        (Some(m), _) => m,
-        (None, Some(n)) => n,
-        (None, None) => return Err(bad("model is required")),
-    };
-    let stream = match get("stream") {
-        None => None,
-        Some(v) => serde_json::from_str::<Option<bool>>(v.get())
-            .map_err(|_| bad("`stream` must be a boolean"))?,
-    };
-    let include_usage = match get("stream_options") {
-        None => false,
-        Some(v) => {
-            match serde_json::from_str::<Option<serde_json::Map<String, serde_json::Value>>>(
-                v.get(),
-            ) {
-                Ok(m) => m.is_some_and(|m| {
-                    m.get("include_usage") == Some(&serde_json::Value::Bool(true))
-                }),
-                Err(_) => return Err(bad("`stream_options` must be an object")),
+            .flatten();
+        let name = match field {
+            ModelField::ModelOrName => self
+                .get("name")
+                .map(|v| as_string("name", v))
+                .transpose()?
+                .flatten(),
+            ModelField::Model => None,
+        };
+        let model = match (model, name) {
+            (Some(m), Some(n)) if m != n => {
+                return Err(bad("`model` and `name` name different models"));
+            }
+            (Some(m), _) => m,
+            (None, Some(n)) => n,
+            (None, None) => return Err(bad("model is required")),
+        };
+        let stream = match self.get("stream") {
+            None => None,
+            Some(v) => serde_json::from_str::<Option<bool>>(v.get())
+                .map_err(|_| bad("`stream` must be a boolean"))?,
+        };
+        let include_usage = match self.get("stream_options") {
+            None => false,
+            Some(v) => {
+                match serde_json::from_str::<Option<serde_json::Map<String, serde_json::Value>>>(
+                    v.get(),
+                ) {
+                    Ok(m) => m.is_some_and(|m| {
+                        m.get("include_usage") == Some(&serde_json::Value::Bool(true))
+                    }),
+                    Err(_) => return Err(bad("`stream_options` must be an object")),
+                }
+            }
+        };
+        Ok(ParsedBody {
+            model,
+            stream,
+            include_usage,
+        })
+    }
+
+    /// The body with `edits` applied, every other member copied verbatim (numbers, images and
+    /// escapes keep their exact text, no re-escaping of large prompts). Set members keep their
+    /// place; new ones are appended.
+    pub fn edited(&self, edits: &Edits) -> Result<Bytes, GatewayError> {
+        let bad = || GatewayError::BadRequest("request body is not a valid JSON object".into());
+        let mut out = Vec::with_capacity(self.len + 64);
+        out.push(b'{');
+        let mut first = true;
+        let mut write_member =
+            |out: &mut Vec<u8>, key: &str, raw: Option<&str>, value: Option<&serde_json::Value>| {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                serde_json::to_writer(&mut *out, key).map_err(|_| bad())?;
+                out.push(b':');
+                match (raw, value) {
+                    (Some(r), _) => out.extend_from_slice(r.as_bytes()),
+                    (None, Some(v)) => serde_json::to_writer(&mut *out, v).map_err(|_| bad())?,
+                    (None, None) => out.extend_from_slice(b"null"),
+                }
+                Ok::<(), GatewayError>(())
+            };
+        for (k, v) in &self.list.0 {
+            match edits.iter().find(|(name, _)| *name == k.as_ref()) {
+                None => write_member(&mut out, k, Some(v.get()), None)?,
+                Some((_, Some(value))) => write_member(&mut out, k, None, Some(value))?,
+                Some((_, None)) => {}
             }
         }
-    };
-    Ok(ParsedBody {
-        model,
-        stream,
-        include_usage,
-    })
+        for (name, value) in edits {
+            if let Some(value) = value
+                && self.get(name).is_none()
+            {
+                write_member(&mut out, name, None, Some(value))?;
+            }
+        }
+        out.push(b'}');
+        Ok(Bytes::from(out))
+    }
+
+    /// The edit that sets `stream_options.include_usage` to `true` (keeping other stream
+    /// options), so an OpenAI stream ends with its usage.
+    pub fn include_usage_edit(
+        &self,
+    ) -> Result<(&'static str, Option<serde_json::Value>), GatewayError> {
+        let mut options = self.object("stream_options")?.unwrap_or_default();
+        options.insert("include_usage".into(), serde_json::Value::Bool(true));
+        Ok(("stream_options", Some(serde_json::Value::Object(options))))
+    }
+}
+
+/// Parses a request body and extracts the model it names, refusing ambiguity.
+pub fn parse(body: &[u8], field: ModelField) -> Result<ParsedBody, GatewayError> {
+    Members::of(body)?.read(field)
 }
 
 /// Changes to a request body's top-level members: `Some(value)` sets, `None` removes.
 pub type Edits = Vec<(&'static str, Option<serde_json::Value>)>;
 
-/// Applies `edits`, copying every other member verbatim (numbers, images and escapes keep their
-/// exact text, no re-escaping of large prompts). Set members keep their place; new ones are
-/// appended. The body was checked by [`parse`] first, so its keys are unique.
+/// Applies `edits` to a body the gateway has already checked (see [`Members::edited`]).
 pub fn apply_edits(body: &[u8], edits: &Edits) -> Result<Bytes, GatewayError> {
-    let bad = || GatewayError::BadRequest("request body is not a valid JSON object".into());
-    let members: Members = serde_json::from_slice(body).map_err(|_| bad())?;
-    let mut out = Vec::with_capacity(body.len() + 64);
-    out.push(b'{');
-    let mut first = true;
-    let mut write_member =
-        |out: &mut Vec<u8>, key: &str, raw: Option<&str>, value: Option<&serde_json::Value>| {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            serde_json::to_writer(&mut *out, key).map_err(|_| bad())?;
-            out.push(b':');
-            match (raw, value) {
-                (Some(r), _) => out.extend_from_slice(r.as_bytes()),
-                (None, Some(v)) => serde_json::to_writer(&mut *out, v).map_err(|_| bad())?,
-                (None, None) => out.extend_from_slice(b"null"),
-            }
-            Ok::<(), GatewayError>(())
-        };
-    for (k, v) in &members.0 {
-        match edits.iter().find(|(name, _)| *name == k.as_ref()) {
-            None => write_member(&mut out, k, Some(v.get()), None)?,
-            Some((_, Some(value))) => write_member(&mut out, k, None, Some(value))?,
-            Some((_, None)) => {}
-        }
-    }
-    for (name, value) in edits {
-        if let Some(value) = value
-            && !members.0.iter().any(|(k, _)| k.as_ref() == *name)
-        {
-            write_member(&mut out, name, None, Some(value))?;
-        }
-    }
-    out.push(b'}');
-    Ok(Bytes::from(out))
+    Members::unchecked(body)?.edited(edits)
 }
 
-/// A top-level member parsed as a JSON object (`None` when absent or `null`).
+/// A top-level member of a checked body parsed as a JSON object (`None` when absent or `null`).
 pub fn object_member(
     body: &[u8],
     name: &str,
 ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, GatewayError> {
-    let bad = || GatewayError::BadRequest(format!("`{name}` must be an object"));
-    let members: Members = serde_json::from_slice(body).map_err(|_| bad())?;
-    match members.0.iter().find(|(k, _)| k.as_ref() == name) {
-        None => Ok(None),
-        Some((_, v)) => serde_json::from_str::<Option<_>>(v.get()).map_err(|_| bad()),
-    }
+    Members::unchecked(body)
+        .map_err(|_| GatewayError::BadRequest(format!("`{name}` must be an object")))?
+        .object(name)
 }
 
-/// A top-level member as a JSON value (`None` when absent).
-pub fn value_member(body: &[u8], name: &str) -> Result<Option<serde_json::Value>, GatewayError> {
-    let members: Members = serde_json::from_slice(body)
-        .map_err(|_| GatewayError::BadRequest("request body is not valid JSON".into()))?;
-    Ok(members
-        .0
-        .iter()
-        .find(|(k, _)| k.as_ref() == name)
-        .and_then(|(_, v)| serde_json::from_str(v.get()).ok()))
-}
-
-/// The edit that sets `stream_options.include_usage` to `true` (keeping other stream options),
-/// so an OpenAI stream ends with its usage.
-pub fn include_usage_edit(
-    body: &[u8],
-) -> Result<(&'static str, Option<serde_json::Value>), GatewayError> {
-    let mut options = object_member(body, "stream_options")?.unwrap_or_default();
-    options.insert("include_usage".into(), serde_json::Value::Bool(true));
-    Ok(("stream_options", Some(serde_json::Value::Object(options))))
-}
-
-/// The same body with `stream_options.include_usage` set to `true`.
+/// The body with `stream_options.include_usage` set (the fuzz targets' entry point).
 pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
-    apply_edits(body, &vec![include_usage_edit(body)?])
+    let members = Members::of(body)?;
+    members.edited(&vec![members.include_usage_edit()?])
 }
 
 #[cfg(test)]

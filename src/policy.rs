@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::body::{self, Edits};
+use crate::body::{self, Edits, Members};
 use crate::errors::GatewayError;
 use crate::principal::Principal;
 use crate::routes::RouteKind;
@@ -30,7 +30,7 @@ pub struct Clamped {
     pub output_cap: Option<u64>,
 }
 
-pub fn clamp(route: RouteKind, raw: &[u8], p: &Principal) -> Result<Clamped, GatewayError> {
+pub fn clamp(route: RouteKind, raw: &Members<'_>, p: &Principal) -> Result<Clamped, GatewayError> {
     match route {
         RouteKind::ApiChat | RouteKind::ApiGenerate => native(raw, p, true),
         RouteKind::ApiEmbed | RouteKind::ApiEmbeddings => native(raw, p, false),
@@ -44,9 +44,9 @@ pub fn clamp(route: RouteKind, raw: &[u8], p: &Principal) -> Result<Clamped, Gat
     }
 }
 
-fn native(raw: &[u8], p: &Principal, generates: bool) -> Result<Clamped, GatewayError> {
+fn native(raw: &Members<'_>, p: &Principal, generates: bool) -> Result<Clamped, GatewayError> {
     let mut edits: Edits = Vec::new();
-    let original = body::object_member(raw, "options")?;
+    let original = raw.object("options")?;
     let mut options = original.clone().unwrap_or_default();
     for name in RUNNER_OPTIONS {
         options.remove(*name);
@@ -73,7 +73,7 @@ fn native(raw: &[u8], p: &Principal, generates: bool) -> Result<Clamped, Gateway
         edits.push(("options", Some(Value::Object(options))));
     }
     if p.keep_alive_policy.as_deref() != Some("pass")
-        && let Some(value) = body::value_member(raw, "keep_alive")?
+        && let Some(value) = raw.value("keep_alive")
         && let Some(clamped) = clamp_keep_alive(&value)?
     {
         edits.push(("keep_alive", Some(clamped)));
@@ -84,8 +84,12 @@ fn native(raw: &[u8], p: &Principal, generates: bool) -> Result<Clamped, Gateway
     })
 }
 
-fn openai_cap(raw: &[u8], p: &Principal, field: &'static str) -> Result<Clamped, GatewayError> {
-    let requested = positive(body::value_member(raw, field)?.as_ref());
+fn openai_cap(
+    raw: &Members<'_>,
+    p: &Principal,
+    field: &'static str,
+) -> Result<Clamped, GatewayError> {
+    let requested = positive(raw.value(field).as_ref());
     let Some(max) = p.max_num_predict else {
         return Ok(Clamped {
             edits: Vec::new(),
@@ -225,8 +229,9 @@ mod tests {
         body: &str,
         p: &Principal,
     ) -> Result<(Value, Option<u64>), GatewayError> {
-        let c = clamp(route, body.as_bytes(), p)?;
-        let out = body::apply_edits(body.as_bytes(), &c.edits)?;
+        let members = Members::of(body.as_bytes())?;
+        let c = clamp(route, &members, p)?;
+        let out = members.edited(&c.edits)?;
         Ok((serde_json::from_slice(&out).unwrap(), c.output_cap))
     }
 

@@ -314,7 +314,9 @@ impl Gateway {
             return Err(GatewayError::UnsupportedMediaType);
         }
         let bytes = body::read_whole(session, self.state.settings.max_request_body_bytes).await?;
-        let parsed = body::parse(&bytes, field)?;
+        // One parse of the body serves the model check, the clamps and the edits.
+        let members = body::Members::of(&bytes)?;
+        let parsed = members.read(field)?;
         let mut name = ModelName::parse(&parsed.model)
             .ok_or_else(|| GatewayError::BadRequest("invalid model name".into()))?;
         if self.state.discovery.is_remote(&name) {
@@ -334,7 +336,7 @@ impl Gateway {
                 truncated: false,
             });
         }
-        let clamped = policy::clamp(route.kind, &bytes, principal)?;
+        let clamped = policy::clamp(route.kind, &members, principal)?;
         let mut edits = clamped.edits;
         // OpenAI streams carry usage only when asked: ask upstream, hide it from the client.
         if matches!(
@@ -344,13 +346,13 @@ impl Gateway {
             && !parsed.include_usage
         {
             ctx.strip_usage = true;
-            edits.push(body::include_usage_edit(&bytes)?);
+            edits.push(members.include_usage_edit()?);
         }
-        let bytes = if edits.is_empty() {
-            bytes
-        } else {
-            body::apply_edits(&bytes, &edits)?
-        };
+        let edited = (!edits.is_empty())
+            .then(|| members.edited(&edits))
+            .transpose()?;
+        drop(members);
+        let bytes = edited.unwrap_or(bytes);
         if limits::counts_tokens(principal) && route.kind.consumes_tokens() {
             ctx.prompt_bound =
                 limits::reservation::prompt_bound(&bytes, &self.state.settings.budgets);
