@@ -174,7 +174,8 @@ pub struct UpstreamSlot(Arc<AtomicUsize>);
 impl Drop for UpstreamSlot {
     fn drop(&mut self) {
         metrics::INFLIGHT.dec();
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        // Release: shutdown reads 0 here and then expects this request's settlement queued.
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -14,7 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface};
+use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface, KeysInterface};
 use neuronetz_gateway::clock::Periods;
 use neuronetz_gateway::limits::leases::LeaseBook;
 use neuronetz_gateway::limits::settlement::FLUSH_AFTER;
@@ -118,8 +118,12 @@ fn limiter(redis: &Client, ns: &str, min_output: u64, settle_after: Duration) ->
     )
 }
 
-/// One concurrent request allowed, and a daily budget.
+/// Key 21: one concurrent request allowed, and a daily budget.
 fn one_at_a_time(daily: i64) -> Principal {
+    one_at_a_time_key(21, daily)
+}
+
+fn one_at_a_time_key(key_id: i64, daily: i64) -> Principal {
     let key = SubjectSettings {
         max_concurrent: Some(1),
         budget_daily: Some(daily),
@@ -129,8 +133,8 @@ fn one_at_a_time(daily: i64) -> Principal {
         PrincipalIds {
             tenant_id: 2,
             tenant_name: "t".into(),
-            key_id: 21,
-            key_prefix: "nz_000000021".into(),
+            key_id,
+            key_prefix: format!("nz_{key_id:09}"),
             key_name: "k".into(),
         },
         None,
@@ -185,6 +189,39 @@ async fn the_next_admission_carries_the_previous_settlement() {
     limiter.settle(second.expect("limits apply"), 3);
     flush(&limiter).await;
     assert_eq!(used_today(&redis, &hash).await, (Some(10), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_admission_still_settles_what_it_carried_once() {
+    let redis = redis().await;
+    let periods = Periods::at(chrono::Utc::now());
+    let ns = format!("carry-err-{}", uuid::Uuid::new_v4().simple());
+    let hash = format!("{ns}:bu:k:21");
+    fresh_counters(&redis, &hash, &periods).await;
+    fresh_counters(&redis, &format!("{ns}:bu:k:22"), &periods).await;
+    let limiter = limiter(&redis, &ns, 1, Duration::from_secs(600));
+    let queue = limiter.settlements().expect("queue");
+    let first = limiter.admit(&one_at_a_time(1000), &demand(periods)).await;
+    limiter.settle(first.expect("admitted").expect("limits apply"), 7);
+    // Key 22's lease set is not a sorted set: its admission raises inside the script, after
+    // the call has settled key 21's request.
+    let _: () = redis
+        .set(format!("{ns}:rl:k:22:c"), "broken", None, None, false)
+        .await
+        .expect("set");
+    let refused = limiter
+        .admit(&one_at_a_time_key(22, 1000), &demand(periods))
+        .await;
+    assert!(
+        matches!(refused, Err(LimitError::Unavailable { budgets: true })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        queue.outstanding(),
+        0,
+        "the script answered: nothing to resend"
+    );
+    assert_eq!(used_today(&redis, &hash).await, (Some(7), Some(0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -435,12 +435,20 @@ impl Limiter {
         };
         let call = self.script.evalsha_with_reload(redis, keys, args);
         let result = bounded(self.redis_timeout, call).await;
+        // The script answered: it settled what it carried, even when the admission failed.
         if let Some((queue, carried)) = carried {
             match &result {
                 Ok(_) => queue.done(carried),
                 Err(e) => queue.failed(carried, e),
             }
         }
+        let result = result.and_then(|reply: Vec<i64>| match reply.as_slice() {
+            [6] => Err(fred::error::Error::new(
+                fred::error::ErrorKind::Unknown,
+                "the admission script raised an error (see the Redis log)",
+            )),
+            _ => Ok(reply),
+        });
         let reply: Vec<i64> = match result {
             Ok(r) => r,
             Err(e) => {

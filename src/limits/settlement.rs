@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fred::prelude::Client;
@@ -135,10 +135,14 @@ impl SettleQueue {
         self.requeue(settlement);
     }
 
+    /// The queue, even after a panic elsewhere held its lock: a settlement must never be lost
+    /// (its lease would be renewed forever).
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Settlement>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn requeue(self: &Arc<Self>, settlement: Settlement) {
-        if let Ok(mut q) = self.pending.lock() {
-            q.push_back(settlement);
-        }
+        self.queue().push_back(settlement);
         if !self.armed.swap(true, Ordering::AcqRel) {
             tokio::spawn(self.clone().flusher());
         }
@@ -147,9 +151,7 @@ impl SettleQueue {
     /// Takes up to `max` settlements ready to be sent, for an admission to carry.
     pub fn take(&self, max: usize) -> Carried {
         let mut out = Vec::new();
-        let Ok(mut q) = self.pending.lock() else {
-            return Carried(out);
-        };
+        let mut q = self.queue();
         if q.is_empty() {
             return Carried(out);
         }
@@ -235,7 +237,7 @@ impl SettleQueue {
     }
 
     fn is_empty(&self) -> bool {
-        self.pending.lock().map_or(true, |q| q.is_empty())
+        self.queue().is_empty()
     }
 
     async fn send(self: &Arc<Self>, batch: Carried) -> bool {
@@ -259,7 +261,7 @@ impl SettleQueue {
     /// a retry included, and returns when Redis has it all, or at `until`.
     pub async fn drain(self: &Arc<Self>, until: Instant) {
         while self.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < until {
-            let batch = self.take_all();
+            let batch = self.take_any(MAX_FLUSHED);
             if batch.is_empty() {
                 // In a call of an admission or of the flusher.
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -271,13 +273,11 @@ impl SettleQueue {
         }
     }
 
-    fn take_all(&self) -> Carried {
-        let all = self
-            .pending
-            .lock()
-            .map(|mut q| q.drain(..).collect())
-            .unwrap_or_default();
-        Carried(all)
+    /// Up to `max` settlements, those waiting for a retry included.
+    fn take_any(&self, max: usize) -> Carried {
+        let mut q = self.queue();
+        let n = q.len().min(max);
+        Carried(q.drain(..n).collect())
     }
 
     /// Settlements queued or in a call.

@@ -133,6 +133,10 @@ enum Cmd {
         /// INFO commandstats (EVALSHA calls, commands inside scripts) is always read.
         #[arg(long)]
         redis_monitor: bool,
+        /// Provision the gateway's keys and tenants without any limit or budget, so it makes
+        /// no Redis call per request: what the limiter costs is the difference to a normal run.
+        #[arg(long)]
+        no_limits: bool,
         /// Keep the temporary directory with the processes' logs after a successful run (it
         /// is always kept when the comparison fails).
         #[arg(long)]
@@ -301,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
             gateway_env,
             settle,
             redis_monitor,
+            no_limits,
             keep_logs,
             overrides,
             output,
@@ -347,6 +352,7 @@ async fn main() -> anyhow::Result<()> {
                 gateway_env,
                 settle,
                 redis_monitor,
+                limits: !no_limits,
                 keep_logs,
             })
             .await?;

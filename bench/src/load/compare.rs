@@ -35,6 +35,9 @@ pub struct CompareConfig {
     pub settle: Duration,
     /// Count the commands the gateway sends to Redis with MONITOR (costs Redis some CPU).
     pub redis_monitor: bool,
+    /// Provision keys and tenants with limits and budgets (false: none, so the gateway makes
+    /// no Redis call per request; separates its own cost from the limiter's).
+    pub limits: bool,
     /// Keep the temporary directory (logs, conf, audit spool) after a successful run; it is
     /// always kept after a failure.
     pub keep_logs: bool,
@@ -130,6 +133,8 @@ pub struct Stack {
     pub gateway_addr: String,
     gateway_bin: PathBuf,
     gateway_env: Vec<(String, String)>,
+    /// See [`CompareConfig::limits`].
+    pub limits: bool,
 }
 
 impl Drop for Stack {
@@ -285,6 +290,7 @@ impl Stack {
             gateway_addr,
             gateway_bin,
             gateway_env: env,
+            limits: cfg.limits,
         })
     }
 
@@ -306,8 +312,12 @@ impl Stack {
     }
 
     /// Creates `tenants` tenants with generous limits and budgets, `keys_per_tenant` keys each;
-    /// applies `key_limits` to every key. Returns the keys.
+    /// applies `key_limits` to every key. Without [`Stack::limits`], no limits or budgets at
+    /// all. Returns the keys.
     pub fn provision(&self, tag: &str, s: &Scenario) -> anyhow::Result<Vec<String>> {
+        if !self.limits {
+            return self.plain_keys(tag, s);
+        }
         let mut keys = Vec::new();
         let generous = [
             "--rpm",
@@ -337,24 +347,7 @@ impl Stack {
                 "100000000000000",
             ])?;
             for k in 0..s.keys_per_tenant.max(1) {
-                let out = self.admin(&[
-                    "create-key",
-                    "--tenant",
-                    &tenant,
-                    "--name",
-                    &format!("k{k}"),
-                    "--json",
-                ])?;
-                let v: serde_json::Value =
-                    serde_json::from_str(out.trim()).context("create-key --json output")?;
-                let key = v["key"]
-                    .as_str()
-                    .context("create-key --json printed no `key`")?
-                    .to_string();
-                let prefix = v["prefix"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| key.chars().take(12).collect());
+                let (key, prefix) = self.create_key(&tenant, k)?;
                 let Limits {
                     rpm,
                     tpm,
@@ -383,6 +376,44 @@ impl Stack {
             }
         }
         Ok(keys)
+    }
+}
+
+impl Stack {
+    /// Tenants allowed every model, with keys, and no limits or budgets anywhere.
+    fn plain_keys(&self, tag: &str, s: &Scenario) -> anyhow::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        for t in 0..s.tenants.max(1) {
+            let tenant = format!("{tag}-t{t}");
+            self.admin(&["create-tenant", "--name", &tenant, "--allow-all-models"])?;
+            for k in 0..s.keys_per_tenant.max(1) {
+                keys.push(self.create_key(&tenant, k)?.0);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Creates key number `k` of `tenant`; returns the key and its prefix.
+    fn create_key(&self, tenant: &str, k: usize) -> anyhow::Result<(String, String)> {
+        let out = self.admin(&[
+            "create-key",
+            "--tenant",
+            tenant,
+            "--name",
+            &format!("k{k}"),
+            "--json",
+        ])?;
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).context("create-key --json output")?;
+        let key = v["key"]
+            .as_str()
+            .context("create-key --json printed no `key`")?
+            .to_string();
+        let prefix = v["prefix"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| key.chars().take(12).collect());
+        Ok((key, prefix))
     }
 }
 
@@ -415,6 +446,14 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
         .await
         .context("Postgres not reachable with psql")?;
 
+    if !cfg.limits
+        && let Some(s) = cfg.scenarios.iter().find(|s| s.key_limits.is_some())
+    {
+        eprintln!(
+            "warning: --no-limits ignores the key limits of scenario `{}`",
+            s.name
+        );
+    }
     let stack = Stack::start(&cfg).await?;
     eprintln!(
         "started: ollama-sim {} (pid {}), nz-passthrough {} (pid {}), neuronetz-gateway {} (pid {}); logs in {}",
@@ -470,6 +509,11 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
                 pid,
             };
             let mut result = run_scenario(scenario, load, &opts).await;
+            if !cfg.limits {
+                // Not the configuration SPEC §14 is about: named as such, no targets checked.
+                result.scenario = format!("{} (no limits)", result.scenario);
+                result.spec_checks = false;
+            }
             if let Some(before) = pg_before {
                 // The audit writer batches, and Postgres publishes its counters about once a
                 // second: wait for both.
