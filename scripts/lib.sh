@@ -384,7 +384,8 @@ _nz_redis_pid() {
 # nz_start_redis DIR [PORT] [PERSIST] : private Redis on 127.0.0.1.
 #   PORT    : empty or absent = a free port (an already running instance keeps its port)
 #   PERSIST : no (default: no RDB, no AOF) | yes (RDB snapshots in DIR, for dev use)
-# Exports NZ_TEST_REDIS_URL=redis://127.0.0.1:PORT and NZ_REDIS_PORT.
+# Exports NZ_TEST_REDIS_URL=redis://127.0.0.1:PORT and NZ_REDIS_PORT. It also listens on the
+# Unix socket DIR/redis.sock (mode 700), for REDIS_URL=redis+unix://DIR/redis.sock.
 nz_start_redis() {
     local dir="${1:?usage: nz_start_redis DIR [PORT] [yes|no]}" port="${2:-}" persist="${3:-no}" i
     local -a save
@@ -409,6 +410,7 @@ nz_start_redis() {
         rm -f "$dir/redis.pid"
         nz_log "==> starting redis ($dir) on 127.0.0.1:$port"
         "$NZ_REDIS_SERVER" --port "$port" --bind 127.0.0.1 "${save[@]}" \
+            --unixsocket "$dir/redis.sock" --unixsocketperm 700 \
             --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" >/dev/null
         printf '%s\n' "$port" >"$dir/redis.port"
         for i in $(seq 1 100); do

@@ -227,8 +227,9 @@ fn redis_client(
     settings: &Settings,
     command_timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<Client> {
-    let mut config = Config::from_url(url.expose_secret())
-        .map_err(|_| anyhow::anyhow!("invalid setting REDIS_URL: not a redis:// URL"))?;
+    let mut config = Config::from_url(url.expose_secret()).map_err(|_| {
+        anyhow::anyhow!("invalid setting REDIS_URL: not a redis:// or redis+unix:// URL")
+    })?;
     config.fail_fast = true;
     let timeout = settings.redis_timeout;
     let client = Builder::from_config(config)

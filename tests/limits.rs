@@ -360,3 +360,24 @@ fn a_hanging_redis_fails_closed_after_the_timeout() {
     );
     until_admitted(&g.addr, &key, "limits never came back after Redis thawed");
 }
+
+#[test]
+fn limits_work_over_a_redis_unix_socket() {
+    let e = env();
+    let g = gateway(&e, &[("REDIS_URL", e.redis.socket_url.as_str())]);
+    let (key, _) = g.limited_key(&["--rpm", "2"]);
+    for i in 0..2 {
+        let r = chat(&g.addr, &key, &[]);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("2"));
+    }
+    assert_eq!(chat(&g.addr, &key, &[]).status, 429);
+    // The gateway's connections came over the socket (Redis lists them with its path).
+    let resp::Value::Str(clients) = resp::cmd(&e.redis.url, &["CLIENT", "LIST"]) else {
+        panic!("CLIENT LIST answered no text");
+    };
+    assert!(
+        clients.lines().any(|l| l.contains("redis.sock")),
+        "no client on the Unix socket: {clients}"
+    );
+}

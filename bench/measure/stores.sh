@@ -20,6 +20,9 @@ start)
     nz_start_redis "$DIR/redis" "${3:-57379}" no
     printf 'export DATABASE_URL=postgres://postgres@127.0.0.1:%s/postgres\nexport REDIS_URL=redis://127.0.0.1:%s\n' \
         "$NZ_PG_PORT" "$NZ_REDIS_PORT" >"$DIR/env"
+    # The same Redis over its Unix socket, for `--gateway-env REDIS_URL=...` (nz-bench itself
+    # reads Redis's counters over TCP).
+    printf 'export REDIS_UNIX_URL=redis+unix://%s\n' "$DIR/redis/redis.sock" >>"$DIR/env"
     cat "$DIR/env"
     ;;
 stop)

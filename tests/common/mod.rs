@@ -186,8 +186,11 @@ impl Sim {
 
 pub struct Redis {
     pub url: String,
+    /// The same server over its Unix socket (`redis+unix://…`).
+    pub socket_url: String,
     pub port: u16,
     proc: Option<Proc>,
+    _socket_dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -198,12 +201,18 @@ impl Redis {
 
     fn start_on(port: u16) -> Redis {
         let bin = std::env::var("NZ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let socket_dir = tempfile::tempdir().expect("tempdir");
+        let socket = socket_dir.path().join("redis.sock").display().to_string();
         let child = Command::new(&bin)
             .args([
                 "--port",
                 &port.to_string(),
                 "--bind",
                 "127.0.0.1",
+                "--unixsocket",
+                &socket,
+                "--unixsocketperm",
+                "700",
                 "--save",
                 "",
                 "--appendonly",
@@ -216,11 +225,13 @@ impl Redis {
         wait_for_port(port, Duration::from_secs(10));
         Redis {
             url: format!("redis://127.0.0.1:{port}"),
+            socket_url: format!("redis+unix://{socket}"),
             port,
             proc: Some(Proc {
                 child,
                 name: "redis",
             }),
+            _socket_dir: socket_dir,
         }
     }
 
