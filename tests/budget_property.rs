@@ -17,7 +17,7 @@ use std::time::Duration;
 use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface, KeysInterface};
 use neuronetz_gateway::clock::Periods;
 use neuronetz_gateway::limits::leases::LeaseBook;
-use neuronetz_gateway::limits::settlement::FLUSH_AFTER;
+use neuronetz_gateway::limits::settlement::{FLUSH_AFTER, SettleQueue};
 use neuronetz_gateway::limits::{Admission, Demand, LimitError, Limiter, LimiterConfig};
 use neuronetz_gateway::principal::{Principal, PrincipalIds, SubjectSettings};
 use neuronetz_gateway::settings::BudgetMode;
@@ -159,16 +159,46 @@ async fn used_today(redis: &Client, hash: &str) -> (Option<i64>, Option<i64>) {
     (get("d"), get("rsum"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_next_admission_carries_the_previous_settlement() {
+/// A limiter in a namespace of its own, whose flusher waits `settle_after`, and key 21's fresh
+/// budget hash.
+struct Carrying {
+    redis: Client,
+    periods: Periods,
+    ns: String,
+    hash: String,
+    limiter: Limiter,
+    queue: Arc<SettleQueue>,
+}
+
+async fn carrying(settle_after: Duration) -> Carrying {
     let redis = redis().await;
     let periods = Periods::at(chrono::Utc::now());
     let ns = format!("carry-{}", uuid::Uuid::new_v4().simple());
     let hash = format!("{ns}:bu:k:21");
     fresh_counters(&redis, &hash, &periods).await;
-    // No flusher within the test: only an admission can send the settlement.
-    let limiter = limiter(&redis, &ns, 1, Duration::from_secs(600));
+    let limiter = limiter(&redis, &ns, 1, settle_after);
     let queue = limiter.settlements().expect("queue");
+    Carrying {
+        redis,
+        periods,
+        ns,
+        hash,
+        limiter,
+        queue,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_admission_carries_the_previous_settlement() {
+    // No flusher within the test: only an admission can send the settlement.
+    let Carrying {
+        redis,
+        periods,
+        hash,
+        limiter,
+        queue,
+        ..
+    } = carrying(Duration::from_secs(600)).await;
     let key = one_at_a_time(1000);
     let first = limiter.admit(&key, &demand(periods)).await;
     let first = first.expect("admitted").expect("limits apply");
@@ -193,14 +223,15 @@ async fn the_next_admission_carries_the_previous_settlement() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_admission_still_settles_what_it_carried_once() {
-    let redis = redis().await;
-    let periods = Periods::at(chrono::Utc::now());
-    let ns = format!("carry-err-{}", uuid::Uuid::new_v4().simple());
-    let hash = format!("{ns}:bu:k:21");
-    fresh_counters(&redis, &hash, &periods).await;
+    let Carrying {
+        redis,
+        periods,
+        ns,
+        hash,
+        limiter,
+        queue,
+    } = carrying(Duration::from_secs(600)).await;
     fresh_counters(&redis, &format!("{ns}:bu:k:22"), &periods).await;
-    let limiter = limiter(&redis, &ns, 1, Duration::from_secs(600));
-    let queue = limiter.settlements().expect("queue");
     let first = limiter.admit(&one_at_a_time(1000), &demand(periods)).await;
     limiter.settle(first.expect("admitted").expect("limits apply"), 7);
     // Key 22's lease set is not a sorted set: its admission raises inside the script, after
@@ -226,13 +257,14 @@ async fn a_failing_admission_still_settles_what_it_carried_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_instance_settles_within_moments() {
-    let redis = redis().await;
-    let periods = Periods::at(chrono::Utc::now());
-    let ns = format!("flush-{}", uuid::Uuid::new_v4().simple());
-    let hash = format!("{ns}:bu:k:21");
-    fresh_counters(&redis, &hash, &periods).await;
-    let limiter = limiter(&redis, &ns, 1, FLUSH_AFTER);
-    let queue = limiter.settlements().expect("queue");
+    let Carrying {
+        redis,
+        periods,
+        hash,
+        limiter,
+        queue,
+        ..
+    } = carrying(FLUSH_AFTER).await;
     let key = one_at_a_time(1000);
     for used in [5, 9] {
         let admission = limiter.admit(&key, &demand(periods)).await;
