@@ -191,95 +191,81 @@ async fn carrying(settle_after: Duration) -> Carrying {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_admission_carries_the_previous_settlement() {
     // No flusher within the test: only an admission can send the settlement.
-    let Carrying {
-        redis,
-        periods,
-        hash,
-        limiter,
-        queue,
-        ..
-    } = carrying(Duration::from_secs(600)).await;
+    let c = carrying(Duration::from_secs(600)).await;
     let key = one_at_a_time(1000);
-    let first = limiter.admit(&key, &demand(periods)).await;
+    let first = c.limiter.admit(&key, &demand(c.periods)).await;
     let first = first.expect("admitted").expect("limits apply");
-    limiter.settle(first, 7);
-    assert_eq!(queue.outstanding(), 1);
+    c.limiter.settle(first, 7);
+    assert_eq!(c.queue.outstanding(), 1);
     // Still in the queue: the slot and the reservation (10 + 20) are held in Redis.
-    assert_eq!(used_today(&redis, &hash).await, (Some(0), Some(30)));
+    assert_eq!(used_today(&c.redis, &c.hash).await, (Some(0), Some(30)));
     // The one concurrency slot is free for the second request only because its own call
     // settled the first before checking.
-    let second = limiter.admit(&key, &demand(periods)).await;
+    let second = c.limiter.admit(&key, &demand(c.periods)).await;
     let second = second.expect("admitted after the carried settlement");
     assert_eq!(
-        queue.outstanding(),
+        c.queue.outstanding(),
         0,
         "the admission carried the settlement"
     );
-    assert_eq!(used_today(&redis, &hash).await, (Some(7), Some(30)));
-    limiter.settle(second.expect("limits apply"), 3);
-    flush(&limiter).await;
-    assert_eq!(used_today(&redis, &hash).await, (Some(10), Some(0)));
+    assert_eq!(used_today(&c.redis, &c.hash).await, (Some(7), Some(30)));
+    c.limiter.settle(second.expect("limits apply"), 3);
+    flush(&c.limiter).await;
+    assert_eq!(used_today(&c.redis, &c.hash).await, (Some(10), Some(0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_admission_still_settles_what_it_carried_once() {
-    let Carrying {
-        redis,
-        periods,
-        ns,
-        hash,
-        limiter,
-        queue,
-    } = carrying(Duration::from_secs(600)).await;
-    fresh_counters(&redis, &format!("{ns}:bu:k:22"), &periods).await;
-    let first = limiter.admit(&one_at_a_time(1000), &demand(periods)).await;
-    limiter.settle(first.expect("admitted").expect("limits apply"), 7);
+    let c = carrying(Duration::from_secs(600)).await;
+    fresh_counters(&c.redis, &format!("{}:bu:k:22", c.ns), &c.periods).await;
+    let first = c
+        .limiter
+        .admit(&one_at_a_time(1000), &demand(c.periods))
+        .await;
+    c.limiter
+        .settle(first.expect("admitted").expect("limits apply"), 7);
     // Key 22's lease set is not a sorted set: its admission raises inside the script, after
     // the call has settled key 21's request.
-    let _: () = redis
-        .set(format!("{ns}:rl:k:22:c"), "broken", None, None, false)
+    let _: () = c
+        .redis
+        .set(format!("{}:rl:k:22:c", c.ns), "broken", None, None, false)
         .await
         .expect("set");
-    let refused = limiter
-        .admit(&one_at_a_time_key(22, 1000), &demand(periods))
+    let refused = c
+        .limiter
+        .admit(&one_at_a_time_key(22, 1000), &demand(c.periods))
         .await;
     assert!(
         matches!(refused, Err(LimitError::Unavailable { budgets: true })),
         "{refused:?}"
     );
     assert_eq!(
-        queue.outstanding(),
+        c.queue.outstanding(),
         0,
         "the script answered: nothing to resend"
     );
-    assert_eq!(used_today(&redis, &hash).await, (Some(7), Some(0)));
+    assert_eq!(used_today(&c.redis, &c.hash).await, (Some(7), Some(0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_instance_settles_within_moments() {
-    let Carrying {
-        redis,
-        periods,
-        hash,
-        limiter,
-        queue,
-        ..
-    } = carrying(FLUSH_AFTER).await;
+    let c = carrying(FLUSH_AFTER).await;
     let key = one_at_a_time(1000);
     for used in [5, 9] {
-        let admission = limiter.admit(&key, &demand(periods)).await;
-        limiter.settle(admission.expect("admitted").expect("limits apply"), used);
+        let admission = c.limiter.admit(&key, &demand(c.periods)).await;
+        c.limiter
+            .settle(admission.expect("admitted").expect("limits apply"), used);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while queue.outstanding() > 0 && tokio::time::Instant::now() < deadline {
+    while c.queue.outstanding() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(
-        queue.outstanding(),
+        c.queue.outstanding(),
         0,
         "the flusher sent the last settlement"
     );
-    assert_eq!(used_today(&redis, &hash).await, (Some(14), Some(0)));
+    assert_eq!(used_today(&c.redis, &c.hash).await, (Some(14), Some(0)));
 }
 
 /// Sends the limiter's queued settlements and returns once Redis has them.
