@@ -661,10 +661,6 @@ impl Limiter {
     pub fn settlements(&self) -> Option<Arc<SettleQueue>> {
         self.settlements.clone()
     }
-
-    pub fn redis(&self) -> Option<&Client> {
-        self.redis.as_ref()
-    }
 }
 
 /// The script's answer, before it is turned into a [`LimitError`].

@@ -39,10 +39,10 @@ const IDLE_LOOK: Duration = Duration::from_millis(100);
 
 /// One admitted request's settlement call (see settle.lua for its keys and arguments).
 pub struct Settlement {
-    pub keys: Vec<String>,
-    pub args: Vec<String>,
+    keys: Vec<String>,
+    args: Vec<String>,
     /// Its lease, released once Redis has the settlement.
-    pub member: String,
+    member: String,
     retry: Option<Retry>,
 }
 
@@ -150,6 +150,11 @@ impl SettleQueue {
 
     /// Takes up to `max` settlements ready to be sent, for an admission to carry.
     pub fn take(&self, max: usize) -> Carried {
+        self.take_where(max, true)
+    }
+
+    /// Up to `max` settlements; with `ready_only`, not those still waiting for their retry.
+    fn take_where(&self, max: usize, ready_only: bool) -> Carried {
         let mut out = Vec::new();
         let mut q = self.queue();
         if q.is_empty() {
@@ -158,7 +163,7 @@ impl SettleQueue {
         let now = Instant::now();
         let mut i = 0;
         while i < q.len() && out.len() < max {
-            if q[i].ready(now) {
+            if !ready_only || q[i].ready(now) {
                 out.extend(q.remove(i));
             } else {
                 i += 1;
@@ -261,7 +266,7 @@ impl SettleQueue {
     /// a retry included, and returns when Redis has it all, or at `until`.
     pub async fn drain(self: &Arc<Self>, until: Instant) {
         while self.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < until {
-            let batch = self.take_any(MAX_FLUSHED);
+            let batch = self.take_where(MAX_FLUSHED, false);
             if batch.is_empty() {
                 // In a call of an admission or of the flusher.
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -271,13 +276,6 @@ impl SettleQueue {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-    }
-
-    /// Up to `max` settlements, those waiting for a retry included.
-    fn take_any(&self, max: usize) -> Carried {
-        let mut q = self.queue();
-        let n = q.len().min(max);
-        Carried(q.drain(..n).collect())
     }
 
     /// Settlements queued or in a call.
