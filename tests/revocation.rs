@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::http;
 use common::{Gateway, Sim, UPSTREAM_TOKEN, fresh_database, require_env};
+use sqlx::Connection;
 
 const CHAT: &str =
     r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -126,4 +127,42 @@ fn suspension_model_changes_and_direct_sql_reach_every_gateway() {
         took < Duration::from_secs(1),
         "direct SQL revocation took {took:?}"
     );
+}
+
+/// A change whose transaction took its feed id first but commits after a later change was
+/// already seen: the feed must still pick it up (it re-reads only rows of transactions that
+/// were running at its last poll).
+#[test]
+fn a_change_committed_after_a_later_one_still_reaches_every_gateway() {
+    let p = pair();
+    p.a.cli(&["create-tenant", "--name", "other", "--allow-all-models"]);
+    let (slow_key, slow_prefix) = p.a.create_key("other", "slow", &[]);
+    let (fast_key, fast_prefix) = p.a.create_key("other", "fast", &[]);
+    warm(&p, &slow_key);
+    warm(&p, &fast_key);
+    let revoke =
+        |prefix: &str| format!("UPDATE api_keys SET revoked_at = now() WHERE prefix = '{prefix}'");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut slow = rt
+        .block_on(sqlx::PgConnection::connect(&p.db))
+        .expect("connect");
+    rt.block_on(async {
+        sqlx::query("BEGIN").execute(&mut slow).await?;
+        sqlx::query(sqlx::AssertSqlSafe(revoke(&slow_prefix)))
+            .execute(&mut slow)
+            .await
+    })
+    .expect("revoke in an open transaction");
+    common::sql(&p.db, &revoke(&fast_prefix));
+    until_both(&p, &fast_key, CHAT, 401);
+    // A few polls see the later change while the earlier one is still uncommitted.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(chat(&p.a.addr, &slow_key, CHAT), 200, "not committed yet");
+    rt.block_on(sqlx::query("COMMIT").execute(&mut slow))
+        .expect("commit");
+    let took = until_both(&p, &slow_key, CHAT, 401);
+    assert!(took < Duration::from_secs(1), "late commit took {took:?}");
 }
