@@ -42,6 +42,9 @@ pub struct Upstreams {
     auth_header: http::HeaderName,
     /// The complete header value, built once; `None` when no upstream token is configured.
     auth_value: Option<HeaderValue>,
+    /// For probes and discovery, made on first use: a new connector loads the system's root
+    /// certificates (about 17 M instructions), and discovery probes every few seconds.
+    probe_connector: std::sync::OnceLock<Connector>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,7 @@ impl Upstreams {
             read_timeout: settings.upstream_read_timeout,
             auth_header: settings.upstream_auth_header.clone(),
             auth_value,
+            probe_connector: std::sync::OnceLock::new(),
         })
     }
 
@@ -159,7 +163,7 @@ impl Upstreams {
         path: &str,
         request_id: &str,
     ) -> Result<ProbeResponse, ProbeError> {
-        let connector = Connector::new(None);
+        let connector = self.probe_connector.get_or_init(|| Connector::new(None));
         let peer = self.peer(target);
         let (mut session, _reused) = connector
             .get_http_session(&peer)
