@@ -30,6 +30,7 @@ pub mod principal;
 pub mod proxy;
 pub mod readiness;
 pub mod redis_link;
+pub mod redis_script;
 pub mod request_id;
 pub mod respond;
 pub mod routes;

@@ -20,7 +20,7 @@ use crate::auth::hasher::KeyHasher;
 use crate::limits::leases::{LeaseBook, LeaseRenewer};
 use crate::limits::seed::Seeder;
 use crate::limits::settlement::SettleQueue;
-use crate::limits::{Limiter, LimiterConfig};
+use crate::limits::{Limiter, LimiterConfig, LimiterRedis};
 use crate::proxy::{AppState, Gateway};
 use crate::readiness::Readiness;
 use crate::redis_link::RedisLink;
@@ -121,8 +121,17 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
             settings.budgets.seed_grace,
         ))
     });
+    // The script's calls run on connections of their own (`redis_script`).
+    let limiter_redis = match (&redis, &settings.redis_url) {
+        (Some(client), Some(url)) => Some(LimiterRedis::new(
+            client.clone(),
+            url.expose_secret(),
+            settings.redis_timeout,
+        )?),
+        _ => None,
+    };
     let limiter = Limiter::new(
-        redis.clone(),
+        limiter_redis,
         leases.clone(),
         seeder,
         LimiterConfig {

@@ -18,7 +18,9 @@ use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface, KeysIn
 use neuronetz_gateway::clock::Periods;
 use neuronetz_gateway::limits::leases::LeaseBook;
 use neuronetz_gateway::limits::settlement::{FLUSH_AFTER, SettleQueue};
-use neuronetz_gateway::limits::{Admission, Demand, LimitError, Limiter, LimiterConfig};
+use neuronetz_gateway::limits::{
+    Admission, Demand, LimitError, Limiter, LimiterConfig, LimiterRedis,
+};
 use neuronetz_gateway::principal::{Principal, PrincipalIds, SubjectSettings};
 use neuronetz_gateway::settings::BudgetMode;
 
@@ -100,8 +102,11 @@ struct Open {
 }
 
 fn limiter(redis: &Client, ns: &str, min_output: u64, settle_after: Duration) -> Limiter {
+    let url = common::require_env("NZ_TEST_REDIS_URL");
+    let timeout = Duration::from_secs(2);
+    let redis = LimiterRedis::new(redis.clone(), &url, timeout).expect("script pool");
     Limiter::new(
-        Some(redis.clone()),
+        Some(redis),
         Arc::new(LeaseBook::default()),
         None,
         LimiterConfig {
@@ -112,7 +117,7 @@ fn limiter(redis: &Client, ns: &str, min_output: u64, settle_after: Duration) ->
             budget_default_output: 200,
             ns: ns.to_string(),
             retry_busy: false,
-            redis_timeout: Duration::from_secs(2),
+            redis_timeout: timeout,
             settle_after,
         },
     )

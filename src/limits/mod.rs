@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::{Client, SortedSetsInterface};
-use fred::types::scripts::Script;
 
 use crate::clock::{self, Periods};
 use crate::log_throttle::LogEvery;
 use crate::principal::{Principal, ScopeLimits};
 use crate::redis_link::bounded;
+use crate::redis_script::{ScriptError, ScriptPool};
 use crate::settings::BudgetMode;
 use leases::LeaseBook;
 use seed::{SeedOutcome, SeedTarget, Seeder};
@@ -42,7 +42,7 @@ use settlement::{MAX_CARRIED, SettleQueue, Settlement};
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// One script settles and admits: limits.lua calls the functions the two files before it define.
-const LIMITS_LUA: &str = concat!(
+pub const LIMITS_LUA: &str = concat!(
     include_str!("settle.lua"),
     include_str!("admit.lua"),
     include_str!("limits.lua")
@@ -160,9 +160,25 @@ pub struct Admission {
     pub headers: RateHeaders,
 }
 
+/// The limiter's ways to Redis: its script on connections of its own (the request path), and
+/// fred for the rare rest (giving back an orphaned lease).
+#[derive(Clone)]
+pub struct LimiterRedis {
+    pub client: Client,
+    pub scripts: Arc<ScriptPool>,
+}
+
+impl LimiterRedis {
+    /// The script pool for `url` (the same as the fred client's), its calls bounded by
+    /// `timeout`.
+    pub fn new(client: Client, url: &str, timeout: Duration) -> Result<Self, ScriptError> {
+        let scripts = Arc::new(ScriptPool::from_url(url, LIMITS_LUA, timeout)?);
+        Ok(Self { client, scripts })
+    }
+}
+
 pub struct Limiter {
-    redis: Option<Client>,
-    script: Arc<Script>,
+    redis: Option<LimiterRedis>,
     /// Present with Redis: settlements wait there for the next admission's call.
     settlements: Option<Arc<SettleQueue>>,
     /// Random per process; with `admissions` it names each admission's leases uniquely
@@ -235,23 +251,16 @@ pub fn counts_tokens(p: &Principal) -> bool {
 
 impl Limiter {
     pub fn new(
-        redis: Option<Client>,
+        redis: Option<LimiterRedis>,
         leases: Arc<LeaseBook>,
         seeder: Option<Arc<Seeder>>,
         config: LimiterConfig,
     ) -> Self {
-        let script = Arc::new(Script::from_lua(LIMITS_LUA));
-        let settlements = redis.clone().map(|client| {
-            SettleQueue::new(
-                client,
-                script.clone(),
-                (config.redis_timeout, config.settle_after),
-                leases.clone(),
-            )
-        });
+        let settlements = redis
+            .as_ref()
+            .map(|r| SettleQueue::new(r.scripts.clone(), config.settle_after, leases.clone()));
         Self {
             redis,
-            script,
             settlements,
             instance: format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0),
             admissions: std::sync::atomic::AtomicU64::new(0),
@@ -362,7 +371,7 @@ impl Limiter {
 
     async fn try_admit(
         &self,
-        redis: &Client,
+        redis: &LimiterRedis,
         rates: &[RateScope<'_>],
         budgets: &[BudgetScope<'_>],
         demand: &Demand,
@@ -427,14 +436,22 @@ impl Limiter {
                 args.push(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64))).to_string());
             }
         }
-        // Settlements this instance has queued ride on this call, settled before the checks.
-        let carried = self.settlements.as_ref().map(|q| (q, q.take(MAX_CARRIED)));
+        // Settlements this instance has queued ride on this call, settled before the checks;
+        // taken once the call has its connection, so that no connect comes between the take
+        // and the write (see "Settlements" in docs/architecture.md).
+        let connection = redis.scripts.connection().await;
+        let carried = match &connection {
+            Ok(_) => self.settlements.as_ref().map(|q| (q, q.take(MAX_CARRIED))),
+            Err(_) => None,
+        };
         let (keys, args) = match &carried {
             Some((_, c)) => c.call(keys, args),
             None => (keys, args),
         };
-        let call = self.script.evalsha_with_reload(redis, keys, args);
-        let result = bounded(self.redis_timeout, call).await;
+        let result = match connection {
+            Ok(connection) => connection.call(&keys, &args).await,
+            Err(e) => Err(e),
+        };
         // The script answered: it settled what it carried, even when the admission failed.
         if let Some((queue, carried)) = carried {
             match &result {
@@ -442,10 +459,9 @@ impl Limiter {
                 Err(e) => queue.failed(carried, e),
             }
         }
-        let result = result.and_then(|reply: Vec<i64>| match reply.as_slice() {
-            [6] => Err(fred::error::Error::new(
-                fred::error::ErrorKind::Unknown,
-                "the admission script raised an error (see the Redis log)",
+        let result = result.and_then(|reply| match reply.as_slice() {
+            [6] => Err(ScriptError::Redis(
+                "the admission script raised an error (see the Redis log)".into(),
             )),
             _ => Ok(reply),
         });
@@ -458,7 +474,7 @@ impl Limiter {
                 // The script may have run before the reply was lost (a timeout): give back the
                 // lease and reservation it may have taken. Its request and token charges stay
                 // (over-counting errs on the safe side and expires with the window).
-                self.release_orphan(redis, rates, budgets, &member);
+                self.release_orphan(&redis.client, rates, budgets, &member);
                 return Err(Reply::Error(!budgets.is_empty()));
             }
         };

@@ -15,13 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use fred::prelude::Client;
-use fred::types::scripts::Script;
 use tokio::time::Instant;
 
 use super::leases::LeaseBook;
 use crate::log_throttle::LogEvery;
-use crate::redis_link::bounded;
+use crate::redis_script::ScriptPool;
 
 /// How long a settlement waits for an admission to carry it before the flusher sends it.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
@@ -96,9 +94,8 @@ impl Carried {
 }
 
 pub struct SettleQueue {
-    redis: Client,
-    script: Arc<Script>,
-    timeout: Duration,
+    /// Bounds its own calls (`REDIS_TIMEOUT_MS`).
+    scripts: Arc<ScriptPool>,
     flush_after: Duration,
     leases: Arc<LeaseBook>,
     pending: Mutex<VecDeque<Settlement>>,
@@ -111,15 +108,12 @@ pub struct SettleQueue {
 
 impl SettleQueue {
     pub fn new(
-        redis: Client,
-        script: Arc<Script>,
-        (timeout, flush_after): (Duration, Duration),
+        scripts: Arc<ScriptPool>,
+        flush_after: Duration,
         leases: Arc<LeaseBook>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            redis,
-            script,
-            timeout,
+            scripts,
             flush_after,
             leases,
             pending: Mutex::new(VecDeque::new()),
@@ -223,9 +217,7 @@ impl SettleQueue {
     async fn flusher(self: Arc<Self>) {
         tokio::time::sleep(self.flush_after).await;
         loop {
-            let batch = self.take(MAX_FLUSHED);
-            if !batch.is_empty() {
-                self.send(batch).await;
+            if self.send_next(true).await.is_some() {
                 continue;
             }
             if self.is_empty() {
@@ -245,19 +237,27 @@ impl SettleQueue {
         self.queue().is_empty()
     }
 
-    async fn send(self: &Arc<Self>, batch: Carried) -> bool {
+    /// Sends one batch; `None` when there was nothing to take, else whether Redis has it. The
+    /// batch is taken once the call has its connection: no connect between take and write.
+    async fn send_next(self: &Arc<Self>, ready_only: bool) -> Option<bool> {
+        let connection = self.scripts.connection().await;
+        let batch = self.take_where(MAX_FLUSHED, ready_only);
+        if batch.is_empty() {
+            return None;
+        }
         let (keys, args) = batch.call(Vec::new(), Vec::new());
-        let call = self
-            .script
-            .evalsha_with_reload::<Vec<i64>, _, _>(&self.redis, keys, args);
-        match bounded(self.timeout, call).await {
+        let result = match connection {
+            Ok(connection) => connection.call(&keys, &args).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(_) => {
                 self.done(batch);
-                true
+                Some(true)
             }
             Err(e) => {
                 self.failed(batch, &e);
-                false
+                Some(false)
             }
         }
     }
@@ -266,14 +266,11 @@ impl SettleQueue {
     /// a retry included, and returns when Redis has it all, or at `until`.
     pub async fn drain(self: &Arc<Self>, until: Instant) {
         while self.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < until {
-            let batch = self.take_where(MAX_FLUSHED, false);
-            if batch.is_empty() {
+            match self.send_next(false).await {
                 // In a call of an admission or of the flusher.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-            if !self.send(batch).await {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+                Some(false) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Some(true) => {}
             }
         }
     }
