@@ -122,8 +122,18 @@ impl JsonWalker {
 
     /// Feeds bytes; `on_event` receives every value at a tracked depth.
     pub fn feed(&mut self, bytes: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
-        for &b in bytes {
+        let mut rest = bytes;
+        while let Some((&b, tail)) = rest.split_first() {
+            if self.in_string && !self.escape && b != b'"' && b != b'\\' {
+                // Inside a string only its end and escapes matter: most of a chat chunk's
+                // bytes are string content, taken as one run instead of byte by byte.
+                let run = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                self.push_string_run(&rest[..run]);
+                rest = &rest[run..];
+                continue;
+            }
             self.step(b, on_event);
+            rest = tail;
         }
     }
 
@@ -279,6 +289,24 @@ impl JsonWalker {
         }
     }
 
+    /// [`Self::push_string_byte`] for a run of plain string bytes.
+    fn push_string_run(&mut self, run: &[u8]) {
+        if self.string_is_key {
+            if let Some(level) = self.current_mut() {
+                let fits = run.len().min(KEY_CAP - level.key_len);
+                level.key[level.key_len..level.key_len + fits].copy_from_slice(&run[..fits]);
+                level.key_len += fits;
+                level.key_overflow |= fits < run.len();
+            }
+        } else {
+            let fits = run.len().min(STR_CAP.saturating_sub(self.str_len));
+            if fits > 0 {
+                self.str_prefix[self.str_len..self.str_len + fits].copy_from_slice(&run[..fits]);
+            }
+            self.str_len += run.len();
+        }
+    }
+
     fn push_string_byte(&mut self, b: u8) {
         if self.string_is_key {
             if let Some(level) = self.current_mut() {
@@ -376,6 +404,22 @@ mod tests {
             for j in i..=input.len() {
                 assert_eq!(events(input, &[i, j]), whole, "cuts at {i},{j}");
             }
+        }
+    }
+
+    #[test]
+    fn long_strings_and_keys_keep_their_first_bytes_whatever_the_split() {
+        let input = br#"{"content":"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ-tail","a_key_longer_than_twenty_four_bytes":5,"eval_count":7}"#;
+        let whole = events(input, &[]);
+        let prefix = r#"Str { path: ["content"], len: 51, prefix: [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 65, 66, 67, 68] }"#;
+        assert!(whole.contains(&prefix.to_string()), "{whole:?}");
+        assert!(whole.contains(&r#"Number { path: ["eval_count"], value: 7 }"#.to_string()));
+        assert!(
+            !whole.iter().any(|e| e.contains("a_key_longer")),
+            "an over-long key matches no path: {whole:?}"
+        );
+        for i in 0..=input.len() {
+            assert_eq!(events(input, &[i]), whole, "cut at {i}");
         }
     }
 }

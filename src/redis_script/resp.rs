@@ -1,23 +1,23 @@
 //! The few RESP2 frames the script pool writes, and reading replies with `redis-protocol`.
 
-use std::io::Write;
-
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 
 /// Appends one command (an array of bulk strings) to `buf`. Writing the frames straight into
-/// the connection's reused buffer costs no allocation per argument.
+/// the connection's reused buffer costs no allocation per argument; `itoa` rather than
+/// `write!`, whose formatting machinery cost about 500 instructions per argument.
 pub fn command<'a>(buf: &mut Vec<u8>, count: usize, parts: impl Iterator<Item = &'a [u8]>) {
-    // Writing into a Vec cannot fail.
-    let _ = write!(buf, "*{count}\r\n");
+    header(buf, b'*', count);
     for part in parts {
-        bulk(buf, part);
+        header(buf, b'$', part.len());
+        buf.extend_from_slice(part);
+        buf.extend_from_slice(b"\r\n");
     }
 }
 
-fn bulk(buf: &mut Vec<u8>, bytes: &[u8]) {
-    let _ = write!(buf, "${}\r\n", bytes.len());
-    buf.extend_from_slice(bytes);
+fn header(buf: &mut Vec<u8>, kind: u8, n: usize) {
+    buf.push(kind);
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     buf.extend_from_slice(b"\r\n");
 }
 
