@@ -719,7 +719,8 @@ impl ProxyHttp for Gateway {
         if route.is_gateway_endpoint() {
             let kind = route.kind;
             ctx.route = Some(route);
-            return self.serve_gateway_endpoint(session, ctx, &kind).await;
+            // Boxed, as a rare path: its future would enlarge every request's.
+            return Box::pin(self.serve_gateway_endpoint(session, ctx, &kind)).await;
         }
         ctx.route = Some(route.clone());
         if self.state.audit.backlogged() {

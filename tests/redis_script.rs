@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Redis, resp};
-use neuronetz_gateway::redis_script::{ScriptError, ScriptPool};
+use neuronetz_gateway::redis_script::{Arg, ScriptError, ScriptPool};
 
 const ECHO: &str = "return {#KEYS, #ARGV, tonumber(ARGV[1]) + 1}";
 const WRITE: &str = "redis.call('SET', KEYS[1], ARGV[1]) return {1}";
@@ -18,12 +18,8 @@ fn pool(url: &str, script: &'static str, timeout_ms: u64) -> ScriptPool {
     ScriptPool::from_url(url, script, Duration::from_millis(timeout_ms)).expect("pool")
 }
 
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| s.to_string()).collect()
-}
-
 async fn echo(pool: &ScriptPool, n: i64) -> Result<Vec<i64>, ScriptError> {
-    pool.call(&strings(&["k1", "k2"]), &[n.to_string()]).await
+    pool.call(&["k1", "k2"], &[Arg::Int(n)]).await
 }
 
 /// Connections that last ran the given command (`CLIENT LIST`).
@@ -155,7 +151,7 @@ async fn authenticates_selects_the_database_and_keeps_the_password_out_of_errors
         WRITE,
         2000,
     );
-    let reply = good.call(&strings(&["written"]), &strings(&["x"])).await;
+    let reply = good.call(&["written"], &[Arg::Str("x")]).await;
     assert_eq!(reply.expect("authenticated call"), vec![1]);
     let resp::Value::Str(keyspace) = resp::cmd(&redis.url, &["INFO", "keyspace"]) else {
         panic!("INFO keyspace");
@@ -168,7 +164,7 @@ async fn authenticates_selects_the_database_and_keeps_the_password_out_of_errors
         2000,
     );
     let err = bad
-        .call(&strings(&["written"]), &strings(&["y"]))
+        .call(&["written"], &[Arg::Str("y")])
         .await
         .expect_err("wrong password");
     assert!(matches!(err, ScriptError::Redis(_)), "{err:?}");

@@ -140,8 +140,10 @@ impl Authenticator {
             match self.cache.local(&digest) {
                 LocalHit::Valid(p) if self.is_current(&p) => check_still_valid(p),
                 LocalHit::Invalid => Err(self.fail(ip, RejectReason::NegativeCached)),
+                // Boxed: with its Redis and Postgres calls this future is about 10 KB, which
+                // every request's future would otherwise carry (allocated and copied each time).
                 LocalHit::Valid(_) | LocalHit::Miss => {
-                    self.resolve_uncached(token, digest, ip).await
+                    Box::pin(self.resolve_uncached(token, digest, ip)).await
                 }
             }
         };

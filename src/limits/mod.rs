@@ -32,7 +32,7 @@ use crate::clock::{self, Periods};
 use crate::log_throttle::LogEvery;
 use crate::principal::{Principal, ScopeLimits};
 use crate::redis_link::bounded;
-use crate::redis_script::{ScriptError, ScriptPool};
+use crate::redis_script::{Arg, ScriptError, ScriptPool};
 use crate::settings::BudgetMode;
 use leases::LeaseBook;
 use seed::{SeedOutcome, SeedTarget, Seeder};
@@ -333,7 +333,8 @@ impl Limiter {
         let mut busy_waits = BUSY_RETRIES.iter().filter(|_| self.retry_busy);
         for _ in 0..=budgets.len() + BUSY_RETRIES.len() {
             let reply = match self.try_admit(redis, &rates, &budgets, demand).await {
-                Err(Reply::Reseed(index)) => self.reseed(&budgets, index).await,
+                // Boxed, as a rare path: its future would enlarge every admission's.
+                Err(Reply::Reseed(index)) => Box::pin(self.reseed(&budgets, index)).await,
                 Err(Reply::Busy(index)) => match busy_waits.next() {
                     Some(wait) => {
                         tokio::time::sleep(*wait).await;
@@ -399,43 +400,39 @@ impl Limiter {
             None => -1,
         };
         let minimal = if requested == 0 { 0 } else { self.min_output };
-        let mut keys = Vec::with_capacity(rates.len() * 5 + budgets.len() * 2);
-        let mut args: Vec<String> = vec![
-            now_ms.to_string(),
-            format!("{frac:.6}"),
-            bound.to_string(),
-            requested.to_string(),
-            self.default_output.min(MAX_TOKENS).to_string(),
-            minimal.to_string(),
-            member.clone(),
-            (now_ms + LEASE_TTL.as_millis() as u64).to_string(),
-            day.clone(),
-            month.clone(),
-            if reserve { "1" } else { "0" }.to_string(),
-            rates.len().to_string(),
+        let keys = call_keys(rates, budgets, minute);
+        let frac_arg = format!("{frac:.6}");
+        // Numbers go to Redis without a string each (`Arg::Int`).
+        let mut args = vec![
+            Arg::Int(now_ms as i64),
+            Arg::Str(&frac_arg),
+            Arg::Int(bound as i64),
+            Arg::Int(requested),
+            Arg::Int(self.default_output.min(MAX_TOKENS) as i64),
+            Arg::Int(minimal as i64),
+            Arg::Str(&member),
+            Arg::Int((now_ms + LEASE_TTL.as_millis() as u64) as i64),
+            Arg::Str(&day),
+            Arg::Str(&month),
+            Arg::Int(i64::from(reserve)),
+            Arg::Int(rates.len() as i64),
         ];
         for s in rates {
-            keys.push(format!("{}:r:{minute}", s.prefix));
-            keys.push(format!("{}:r:{}", s.prefix, minute - 1));
-            keys.push(format!("{}:t:{minute}", s.prefix));
-            keys.push(format!("{}:t:{}", s.prefix, minute - 1));
-            keys.push(format!("{}:c", s.prefix));
-            args.push(limit_arg(s.limits.rpm).to_string());
-            args.push(limit_arg(s.limits.tpm).to_string());
-            args.push(limit_arg(s.limits.max_concurrent).to_string());
+            args.push(Arg::Int(limit_arg(s.limits.rpm)));
+            args.push(Arg::Int(limit_arg(s.limits.tpm)));
+            args.push(Arg::Int(limit_arg(s.limits.max_concurrent)));
         }
         for b in budgets {
-            keys.push(b.target.hash.clone());
-            keys.push(format!("{}:res", b.target.hash));
             // Clamped like every other amount, so Lua arithmetic stays in exact integers.
             for limit in [
                 b.limits.budget_daily,
                 b.limits.budget_monthly,
                 b.limits.budget_total,
             ] {
-                args.push(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64))).to_string());
+                args.push(Arg::Int(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64)))));
             }
         }
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         // Settlements this instance has queued ride on this call, settled before the checks;
         // taken once the call has its connection, so that no connect comes between the take
         // and the write (see "Settlements" in docs/architecture.md).
@@ -444,13 +441,13 @@ impl Limiter {
             Ok(_) => self.settlements.as_ref().map(|q| (q, q.take(MAX_CARRIED))),
             Err(_) => None,
         };
-        let (keys, args) = match &carried {
-            Some((_, c)) => c.call(keys, args),
-            None => (keys, args),
-        };
-        let result = match connection {
-            Ok(connection) => connection.call(&keys, &args).await,
-            Err(e) => Err(e),
+        let result = match (connection, &carried) {
+            (Ok(connection), Some((_, c))) => {
+                let (all_keys, all_args) = c.call(&key_refs, &args);
+                connection.call(&all_keys, &all_args).await
+            }
+            (Ok(connection), None) => connection.call(&key_refs, &args).await,
+            (Err(e), _) => Err(e),
         };
         // The script answered: it settled what it carried, even when the admission failed.
         if let Some((queue, carried)) = carried {
@@ -491,16 +488,11 @@ impl Limiter {
                 let clamp_output = (!budgets.is_empty() && reserve && *cap >= 0)
                     .then_some(*cap as u64)
                     .filter(|c| own_cap.is_none_or(|own| (*c as i64) < own));
+                let (token_keys, lease_keys, budget_keys) = admission_keys(keys, rates.len());
                 let admission = Admission {
-                    token_keys: rates
-                        .iter()
-                        .map(|s| format!("{}:t:{minute}", s.prefix))
-                        .collect(),
-                    lease_keys: rates.iter().map(|s| format!("{}:c", s.prefix)).collect(),
-                    budget_keys: budgets
-                        .iter()
-                        .flat_map(|b| [b.target.hash.clone(), format!("{}:res", b.target.hash)])
-                        .collect(),
+                    token_keys,
+                    lease_keys,
+                    budget_keys,
                     member,
                     reserved: reservation,
                     day,
@@ -669,8 +661,9 @@ impl Limiter {
             self.leases.release(&admission.member);
             return;
         };
+        let member = admission.member.clone();
         let (keys, args) = admission.settle_call(actual.min(MAX_TOKENS));
-        queue.push(Settlement::new(keys, args, admission.member));
+        queue.push(Settlement::new(keys, args, member));
     }
 
     /// Settlements not yet in Redis: shutdown sends them before it closes the connection.
@@ -719,26 +712,59 @@ impl Admission {
         conc.chain(reservations).collect()
     }
 
-    fn settle_call(&self, actual: u64) -> (Vec<String>, Vec<String>) {
-        let mut keys = Vec::with_capacity(self.token_keys.len() * 2 + self.budget_keys.len());
-        for (t, c) in self.token_keys.iter().zip(&self.lease_keys) {
-            keys.push(t.clone());
-            keys.push(c.clone());
+    /// The settlement's keys and arguments (see settle.lua); the admission's strings move
+    /// into them.
+    fn settle_call(self, actual: u64) -> (Vec<String>, Vec<String>) {
+        let rates = self.token_keys.len();
+        let mut keys = Vec::with_capacity(rates * 2 + self.budget_keys.len());
+        for (t, c) in self.token_keys.into_iter().zip(self.lease_keys) {
+            keys.push(t);
+            keys.push(c);
         }
-        keys.extend(self.budget_keys.iter().cloned());
+        keys.extend(self.budget_keys);
         let delta = actual as i64 - self.reserved as i64;
         let args = vec![
             delta.to_string(),
-            self.member.clone(),
-            self.token_keys.len().to_string(),
+            self.member,
+            rates.to_string(),
             actual.to_string(),
-            self.day.clone(),
-            self.month.clone(),
-            self.event_id.clone(),
+            self.day,
+            self.month,
+            self.event_id,
             now_ms().to_string(),
         ];
         (keys, args)
     }
+}
+
+/// The admission's keys (see admit.lua): 5 per rate scope, then 2 per budget scope.
+fn call_keys(rates: &[RateScope<'_>], budgets: &[BudgetScope<'_>], minute: u64) -> Vec<String> {
+    let mut keys = Vec::with_capacity(rates.len() * 5 + budgets.len() * 2);
+    for s in rates {
+        keys.push(format!("{}:r:{minute}", s.prefix));
+        keys.push(format!("{}:r:{}", s.prefix, minute - 1));
+        keys.push(format!("{}:t:{minute}", s.prefix));
+        keys.push(format!("{}:t:{}", s.prefix, minute - 1));
+        keys.push(format!("{}:c", s.prefix));
+    }
+    for b in budgets {
+        keys.push(b.target.hash.clone());
+        keys.push(format!("{}:res", b.target.hash));
+    }
+    keys
+}
+
+/// From the admission's keys, what its settlement needs: per rate scope the token bucket it
+/// charged and its lease set, then the budget keys.
+fn admission_keys(mut keys: Vec<String>, rates: usize) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let budget_keys = keys.split_off((rates * 5).min(keys.len()));
+    let mut token_keys = Vec::with_capacity(rates);
+    let mut lease_keys = Vec::with_capacity(rates);
+    for scope in keys.chunks_exact_mut(5) {
+        token_keys.push(std::mem::take(&mut scope[2]));
+        lease_keys.push(std::mem::take(&mut scope[4]));
+    }
+    (token_keys, lease_keys, budget_keys)
 }
 
 fn now_ms() -> u64 {

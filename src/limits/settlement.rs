@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::leases::LeaseBook;
 use crate::log_throttle::LogEvery;
-use crate::redis_script::ScriptPool;
+use crate::redis_script::{Arg, ScriptPool};
 
 /// How long a settlement waits for an admission to carry it before the flusher sends it.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
@@ -74,21 +74,21 @@ impl Carried {
         self.0.is_empty()
     }
 
-    /// The call's keys and arguments: the settlements', then `keys` and `args`.
-    pub fn call(&self, keys: Vec<String>, args: Vec<String>) -> (Vec<String>, Vec<String>) {
+    /// The call's keys and arguments: the settlements', then `keys` and `args`, borrowed.
+    pub fn call<'a>(&'a self, keys: &[&'a str], args: &[Arg<'a>]) -> (Vec<&'a str>, Vec<Arg<'a>>) {
         let key_count = self.0.iter().map(|s| s.keys.len()).sum::<usize>() + keys.len();
         let arg_count = self.0.iter().map(|s| s.args.len() + 2).sum::<usize>() + args.len() + 1;
         let mut all_keys = Vec::with_capacity(key_count);
         let mut all_args = Vec::with_capacity(arg_count);
-        all_args.push(self.0.len().to_string());
+        all_args.push(Arg::Int(self.0.len() as i64));
         for s in &self.0 {
-            all_keys.extend(s.keys.iter().cloned());
-            all_args.push(s.keys.len().to_string());
-            all_args.push(s.args.len().to_string());
-            all_args.extend(s.args.iter().cloned());
+            all_keys.extend(s.keys.iter().map(String::as_str));
+            all_args.push(Arg::Int(s.keys.len() as i64));
+            all_args.push(Arg::Int(s.args.len() as i64));
+            all_args.extend(s.args.iter().map(|a| Arg::Str(a)));
         }
-        all_keys.extend(keys);
-        all_args.extend(args);
+        all_keys.extend_from_slice(keys);
+        all_args.extend_from_slice(args);
         (all_keys, all_args)
     }
 }
@@ -245,9 +245,11 @@ impl SettleQueue {
         if batch.is_empty() {
             return None;
         }
-        let (keys, args) = batch.call(Vec::new(), Vec::new());
         let result = match connection {
-            Ok(connection) => connection.call(&keys, &args).await,
+            Ok(connection) => {
+                let (keys, args) = batch.call(&[], &[]);
+                connection.call(&keys, &args).await
+            }
             Err(e) => Err(e),
         };
         match result {

@@ -53,6 +53,13 @@ pub enum ScriptError {
     Config(&'static str),
 }
 
+/// One argument of a script call. Numbers are written as they are, without a string each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
 enum Endpoint {
     Tcp { host: String, port: u16 },
     Unix(PathBuf),
@@ -107,7 +114,7 @@ impl ScriptPool {
     }
 
     /// Runs the script with `keys` and `args`; its reply must be a list of integers.
-    pub async fn call(&self, keys: &[String], args: &[String]) -> Result<Vec<i64>, ScriptError> {
+    pub async fn call(&self, keys: &[&str], args: &[Arg<'_>]) -> Result<Vec<i64>, ScriptError> {
         self.connection().await?.call(keys, args).await
     }
 
@@ -122,7 +129,8 @@ impl ScriptPool {
                 pooled: true,
             });
         }
-        let conn = bounded(self.timeout, self.connect(runtime)).await?;
+        // Boxed, as the rare path: connecting would enlarge every call's future.
+        let conn = bounded(self.timeout, Box::pin(self.connect(runtime))).await?;
         Ok(Connection {
             pool: self,
             conn: Some(conn),
@@ -187,18 +195,14 @@ impl ScriptPool {
             runtime,
         };
         if let Some(password) = &self.password {
-            let password = password.expose_secret().as_bytes();
+            let password = password.expose_secret();
             match &self.username {
-                Some(user) => {
-                    conn.expect_ok(&[b"AUTH", user.as_bytes(), password])
-                        .await?
-                }
-                None => conn.expect_ok(&[b"AUTH", password]).await?,
+                Some(user) => conn.expect_ok(&["AUTH", user, password]).await?,
+                None => conn.expect_ok(&["AUTH", password]).await?,
             }
         }
         if let Some(db) = self.database.filter(|db| *db != 0) {
-            conn.expect_ok(&[b"SELECT", db.to_string().as_bytes()])
-                .await?;
+            conn.expect_ok(&["SELECT", &db.to_string()]).await?;
         }
         Ok(conn)
     }
@@ -234,12 +238,12 @@ pub struct Connection<'a> {
 impl Connection<'_> {
     /// Runs the script with `keys` and `args`; its reply must be a list of integers. Bounded
     /// by the pool's timeout.
-    pub async fn call(self, keys: &[String], args: &[String]) -> Result<Vec<i64>, ScriptError> {
+    pub async fn call(self, keys: &[&str], args: &[Arg<'_>]) -> Result<Vec<i64>, ScriptError> {
         let pool = self.pool;
         bounded(pool.timeout, self.run(keys, args)).await
     }
 
-    async fn run(mut self, keys: &[String], args: &[String]) -> Result<Vec<i64>, ScriptError> {
+    async fn run(mut self, keys: &[&str], args: &[Arg<'_>]) -> Result<Vec<i64>, ScriptError> {
         let (pool, pooled) = (self.pool, self.pooled);
         let Some(mut conn) = self.conn.take() else {
             return Err(ScriptError::Closed);
@@ -247,7 +251,7 @@ impl Connection<'_> {
         let sha = Source::Sha(&pool.sha);
         let mut frame = match conn.run(sha, keys, args).await {
             Err(ScriptError::Closed) if pooled => {
-                conn = pool.connect(conn.runtime).await?;
+                conn = Box::pin(pool.connect(conn.runtime)).await?;
                 conn.run(Source::Sha(&pool.sha), keys, args).await?
             }
             other => other?,
@@ -295,28 +299,35 @@ impl Conn {
     async fn run(
         &mut self,
         source: Source<'_>,
-        keys: &[String],
-        args: &[String],
+        keys: &[&str],
+        args: &[Arg<'_>],
     ) -> Result<OwnedFrame, ScriptError> {
-        let (verb, script): (&[u8], &str) = match source {
-            Source::Sha(sha) => (b"EVALSHA", sha),
-            Source::Body(body) => (b"EVAL", body),
+        let (verb, script) = match source {
+            Source::Sha(sha) => ("EVALSHA", sha),
+            Source::Body(body) => ("EVAL", body),
         };
-        let mut count = itoa::Buffer::new();
-        let head = [verb, script.as_bytes(), count.format(keys.len()).as_bytes()];
+        let head = [
+            Arg::Str(verb),
+            Arg::Str(script),
+            Arg::Int(keys.len() as i64),
+        ];
         let parts = head
             .into_iter()
-            .chain(keys.iter().map(|k| k.as_bytes()))
-            .chain(args.iter().map(|a| a.as_bytes()));
+            .chain(keys.iter().map(|k| Arg::Str(k)))
+            .chain(args.iter().copied());
         self.out.clear();
         resp::command(&mut self.out, 3 + keys.len() + args.len(), parts);
         self.exchange().await
     }
 
     /// AUTH and SELECT: anything but `+OK` is an error.
-    async fn expect_ok(&mut self, parts: &[&[u8]]) -> Result<(), ScriptError> {
+    async fn expect_ok(&mut self, parts: &[&str]) -> Result<(), ScriptError> {
         self.out.clear();
-        resp::command(&mut self.out, parts.len(), parts.iter().copied());
+        resp::command(
+            &mut self.out,
+            parts.len(),
+            parts.iter().map(|p| Arg::Str(p)),
+        );
         let reply = self.exchange().await;
         // The buffer held the password.
         self.out.fill(0);

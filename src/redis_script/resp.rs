@@ -1,21 +1,30 @@
 //! The few RESP2 frames the script pool writes, and reading replies with `redis-protocol`.
 
 use redis_protocol::resp2::decode::decode;
+
+use super::Arg;
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 
 /// Appends one command (an array of bulk strings) to `buf`. Writing the frames straight into
 /// the connection's reused buffer costs no allocation per argument; `itoa` rather than
 /// `write!`, whose formatting machinery cost about 500 instructions per argument.
-pub fn command<'a>(buf: &mut Vec<u8>, count: usize, parts: impl Iterator<Item = &'a [u8]>) {
-    header(buf, b'*', count);
+pub fn command<'a>(buf: &mut Vec<u8>, count: usize, parts: impl Iterator<Item = Arg<'a>>) {
+    header(buf, b'*', count as u64);
     for part in parts {
-        header(buf, b'$', part.len());
-        buf.extend_from_slice(part);
-        buf.extend_from_slice(b"\r\n");
+        match part {
+            Arg::Str(s) => bulk(buf, s.as_bytes()),
+            Arg::Int(n) => bulk(buf, itoa::Buffer::new().format(n).as_bytes()),
+        }
     }
 }
 
-fn header(buf: &mut Vec<u8>, kind: u8, n: usize) {
+fn bulk(buf: &mut Vec<u8>, bytes: &[u8]) {
+    header(buf, b'$', bytes.len() as u64);
+    buf.extend_from_slice(bytes);
+    buf.extend_from_slice(b"\r\n");
+}
+
+fn header(buf: &mut Vec<u8>, kind: u8, n: u64) {
     buf.push(kind);
     buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     buf.extend_from_slice(b"\r\n");
@@ -48,9 +57,9 @@ mod tests {
     #[test]
     fn commands_are_arrays_of_bulk_strings() {
         let mut buf = Vec::new();
-        let parts: [&[u8]; 3] = [b"EVALSHA", b"ab", b""];
+        let parts = [Arg::Str("EVALSHA"), Arg::Str(""), Arg::Int(-12)];
         command(&mut buf, 3, parts.into_iter());
-        assert_eq!(buf, b"*3\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$0\r\n\r\n");
+        assert_eq!(buf, b"*3\r\n$7\r\nEVALSHA\r\n$0\r\n\r\n$3\r\n-12\r\n");
     }
 
     #[test]
