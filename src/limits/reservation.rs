@@ -22,8 +22,10 @@ pub fn prompt_bound(body: &[u8], settings: &BudgetSettings) -> u64 {
 pub fn count_images(body: &[u8]) -> u64 {
     // Ollama's decoder matches keys case-insensitively and a key may be written with `\u`
     // escapes; a body with neither an `imag` in any case nor an escape names no image.
-    let maybe = body.windows(4).any(|w| w.eq_ignore_ascii_case(b"imag"))
-        || memchr::memmem::find(body, b"\\u").is_some();
+    let maybe = memchr::memchr2_iter(b'i', b'I', body).any(|at| {
+        body.get(at..at + 4)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"imag"))
+    }) || memchr::memmem::find(body, b"\\u").is_some();
     if !maybe {
         return 0;
     }
