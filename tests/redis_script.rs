@@ -201,3 +201,18 @@ async fn an_error_reply_is_an_error_and_the_connection_stays_usable() {
     );
     assert_eq!(pool.idle_count(), 1);
 }
+
+#[test]
+fn only_a_single_server_is_accepted() {
+    for url in [
+        "redis-cluster://127.0.0.1:7000",
+        "redis-sentinel://127.0.0.1:26379/mymaster",
+    ] {
+        let result = ScriptPool::from_url(url, ECHO, Duration::from_secs(1));
+        assert!(
+            matches!(result, Err(ScriptError::Config(_))),
+            "{url}: {:?}",
+            result.err()
+        );
+    }
+}
