@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -191,6 +192,30 @@ async fn carrying(settle_after: Duration) -> Carrying {
         limiter,
         queue,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_admission_puts_its_carried_settlement_back() {
+    let c = carrying(Duration::from_secs(600)).await;
+    let key = one_at_a_time(1000);
+    let first = c.limiter.admit(&key, &demand(c.periods)).await;
+    c.limiter
+        .settle(first.expect("admitted").expect("limits apply"), 7);
+    // Polled once, the next admission takes the settlement, writes its call and waits for the
+    // reply; dropped there, it is a request cancelled mid-admission.
+    let second = demand(c.periods);
+    let mut next = Box::pin(c.limiter.admit(&key, &second));
+    let waiting =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx).is_pending()))
+            .await;
+    assert!(waiting, "the reply cannot have come within the first poll");
+    drop(next);
+    assert_eq!(c.queue.outstanding(), 1, "the settlement is not lost");
+    // Queued again: the shutdown drain sends it.
+    c.queue
+        .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(c.queue.outstanding(), 0, "sent by the drain");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,3 +216,17 @@ fn only_a_single_server_is_accepted() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_connection_attempt_that_times_out_makes_the_next_calls_fail_fast() {
+    // Accepts connections (the kernel's backlog) and never answers: AUTH hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let pool = pool(&format!("redis://:secret@{addr}"), ECHO, 200);
+    let first = echo(&pool, 1).await;
+    assert!(matches!(first, Err(ScriptError::Timeout)), "{first:?}");
+    let started = Instant::now();
+    let second = echo(&pool, 1).await;
+    assert!(matches!(second, Err(ScriptError::Down)), "{second:?}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+}

@@ -623,6 +623,11 @@ impl Limiter {
         // A reservation whose set entry is gone lapses at the next admission on that scope.
         let (redis, member, limit) = (redis.clone(), member.to_string(), self.redis_timeout);
         tokio::spawn(async move {
+            // The script call that timed out went over another connection and may still wait
+            // in Redis's input: a release that ran first would find nothing, and the lease would
+            // stay held until it lapses (`LEASE_TTL`). Giving the call as long again as its
+            // timeout orders the two in every case but a Redis stalled for longer.
+            tokio::time::sleep(limit).await;
             for set in sets {
                 let call = redis.zadd::<(), _, _>(
                     set,

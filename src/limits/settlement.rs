@@ -67,21 +67,36 @@ impl Settlement {
 
 /// The settlements of one script call, written in front of the call's own keys and
 /// arguments, as limits.lua reads them.
-pub struct Carried(Vec<Settlement>);
+pub struct Carried {
+    items: Vec<Settlement>,
+    /// Where they go back when the call is dropped before it answered (its request was
+    /// cancelled mid-admission): set while `items` is not empty.
+    queue: Option<Arc<SettleQueue>>,
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take()
+            && !self.items.is_empty()
+        {
+            queue.retry_later(std::mem::take(&mut self.items), &"its call was cancelled");
+        }
+    }
+}
 
 impl Carried {
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.items.is_empty()
     }
 
     /// The call's keys and arguments: the settlements', then `keys` and `args`, borrowed.
     pub fn call<'a>(&'a self, keys: &[&'a str], args: &[Arg<'a>]) -> (Vec<&'a str>, Vec<Arg<'a>>) {
-        let key_count = self.0.iter().map(|s| s.keys.len()).sum::<usize>() + keys.len();
-        let arg_count = self.0.iter().map(|s| s.args.len() + 2).sum::<usize>() + args.len() + 1;
+        let key_count = self.items.iter().map(|s| s.keys.len()).sum::<usize>() + keys.len();
+        let arg_count = self.items.iter().map(|s| s.args.len() + 2).sum::<usize>() + args.len() + 1;
         let mut all_keys = Vec::with_capacity(key_count);
         let mut all_args = Vec::with_capacity(arg_count);
-        all_args.push(Arg::Int(self.0.len() as i64));
-        for s in &self.0 {
+        all_args.push(Arg::Int(self.items.len() as i64));
+        for s in &self.items {
             all_keys.extend(s.keys.iter().map(String::as_str));
             all_args.push(Arg::Int(s.keys.len() as i64));
             all_args.push(Arg::Int(s.args.len() as i64));
@@ -143,46 +158,52 @@ impl SettleQueue {
     }
 
     /// Takes up to `max` settlements ready to be sent, for an admission to carry.
-    pub fn take(&self, max: usize) -> Carried {
+    pub fn take(self: &Arc<Self>, max: usize) -> Carried {
         self.take_where(max, true)
     }
 
-    /// Up to `max` settlements; with `ready_only`, not those still waiting for their retry.
-    fn take_where(&self, max: usize, ready_only: bool) -> Carried {
-        let mut out = Vec::new();
+    fn take_where(self: &Arc<Self>, max: usize, ready_only: bool) -> Carried {
+        let mut items = Vec::new();
         let mut q = self.queue();
         if q.is_empty() {
-            return Carried(out);
+            return Carried { items, queue: None };
         }
         let now = Instant::now();
         let mut i = 0;
-        while i < q.len() && out.len() < max {
+        while i < q.len() && items.len() < max {
             if !ready_only || q[i].ready(now) {
-                out.extend(q.remove(i));
+                items.extend(q.remove(i));
             } else {
                 i += 1;
             }
         }
-        Carried(out)
+        Carried {
+            items,
+            queue: Some(self.clone()),
+        }
     }
 
     /// The call that carried `carried` answered: Redis has them.
-    pub fn done(&self, carried: Carried) {
-        for s in carried.0 {
+    pub fn done(&self, mut carried: Carried) {
+        for s in carried.items.drain(..) {
             self.finish(&s.member);
         }
     }
 
     /// The call that carried `carried` failed or timed out: retry them later.
-    pub fn failed(self: &Arc<Self>, carried: Carried, error: &dyn std::fmt::Display) {
-        if carried.is_empty() {
+    pub fn failed(self: &Arc<Self>, mut carried: Carried, error: &dyn std::fmt::Display) {
+        self.retry_later(std::mem::take(&mut carried.items), error);
+    }
+
+    fn retry_later(self: &Arc<Self>, items: Vec<Settlement>, error: &dyn std::fmt::Display) {
+        if items.is_empty() {
             return;
         }
         crate::metrics::store_error("redis", "settle");
         self.warning
             .warn(|| tracing::warn!(error = %error, "limit settlement failed; retrying"));
         let now = Instant::now();
-        for mut s in carried.0 {
+        for mut s in items {
             let retry = match s.retry.take() {
                 None => Retry {
                     at: now + FIRST_RETRY,

@@ -119,28 +119,22 @@ impl ScriptPool {
     }
 
     /// A connection for one call: a caller that takes work from a queue for its call (the
-    /// limiter's settlements) takes it after this, right before the write.
+    /// limiter's settlements) takes it after this, right before the write. The call's
+    /// timeout runs from here.
     pub async fn connection(&self) -> Result<Connection<'_>, ScriptError> {
+        let started = Instant::now();
         let runtime = current_runtime();
-        if let Some(conn) = self.take_idle(runtime) {
-            return Ok(Connection {
-                pool: self,
-                conn: Some(conn),
-                pooled: true,
-            });
-        }
-        // Boxed, as the rare path: connecting would enlarge every call's future.
-        let conn = bounded(self.timeout, Box::pin(self.connect(runtime))).await?;
+        let (conn, pooled) = match self.take_idle(runtime) {
+            Some(conn) => (conn, true),
+            // Boxed, as the rare path: connecting would enlarge every call's future.
+            None => (Box::pin(self.connect(runtime, self.timeout)).await?, false),
+        };
         Ok(Connection {
             pool: self,
             conn: Some(conn),
-            pooled: false,
+            pooled,
+            started,
         })
-    }
-
-    /// Closes the idle connections (shutdown).
-    pub fn close_idle(&self) {
-        self.idle().clear();
     }
 
     /// Idle connections in the pool.
@@ -167,11 +161,18 @@ impl ScriptPool {
         }
     }
 
-    async fn connect(&self, runtime: Option<RuntimeId>) -> Result<Conn, ScriptError> {
+    /// Opens a connection within `limit`. Any failure, a timeout included, makes calls fail
+    /// at once for [`RETRY_CONNECT_AFTER`]: a Redis that drops packets would otherwise cost
+    /// every call its full timeout.
+    async fn connect(
+        &self,
+        runtime: Option<RuntimeId>,
+        limit: Duration,
+    ) -> Result<Conn, ScriptError> {
         if self.millis() < self.down_until.load(Ordering::Relaxed) {
             return Err(ScriptError::Down);
         }
-        let opened = self.open(runtime).await;
+        let opened = bounded(limit, self.open(runtime)).await;
         if opened.is_err() {
             let until = self.millis() + RETRY_CONNECT_AFTER.as_millis() as u64;
             self.down_until.store(until, Ordering::Relaxed);
@@ -233,25 +234,28 @@ pub struct Connection<'a> {
     conn: Option<Conn>,
     /// Taken from the pool (it may have been closed meanwhile), not just opened.
     pooled: bool,
+    /// When [`ScriptPool::connection`] was asked: one timeout covers connecting and the call.
+    started: Instant,
 }
 
 impl Connection<'_> {
     /// Runs the script with `keys` and `args`; its reply must be a list of integers. Bounded
-    /// by the pool's timeout.
+    /// by what is left of the pool's timeout.
     pub async fn call(self, keys: &[&str], args: &[Arg<'_>]) -> Result<Vec<i64>, ScriptError> {
-        let pool = self.pool;
-        bounded(pool.timeout, self.run(keys, args)).await
+        let left = self.pool.timeout.saturating_sub(self.started.elapsed());
+        bounded(left, self.run(keys, args)).await
     }
 
     async fn run(mut self, keys: &[&str], args: &[Arg<'_>]) -> Result<Vec<i64>, ScriptError> {
-        let (pool, pooled) = (self.pool, self.pooled);
+        let (pool, pooled, started) = (self.pool, self.pooled, self.started);
         let Some(mut conn) = self.conn.take() else {
             return Err(ScriptError::Closed);
         };
         let sha = Source::Sha(&pool.sha);
         let mut frame = match conn.run(sha, keys, args).await {
             Err(ScriptError::Closed) if pooled => {
-                conn = Box::pin(pool.connect(conn.runtime)).await?;
+                let left = pool.timeout.saturating_sub(started.elapsed());
+                conn = Box::pin(pool.connect(conn.runtime, left)).await?;
                 conn.run(Source::Sha(&pool.sha), keys, args).await?
             }
             other => other?,
@@ -293,6 +297,13 @@ struct Conn {
     out: Vec<u8>,
     input: Vec<u8>,
     runtime: Option<RuntimeId>,
+}
+
+impl Drop for Conn {
+    /// The buffer held the password when an `AUTH` was cut short by the timeout.
+    fn drop(&mut self) {
+        self.out.fill(0);
+    }
 }
 
 impl Conn {
