@@ -73,8 +73,11 @@ fn principal(key_id: i64, key_daily: i64, tenant_daily: i64) -> Principal {
 }
 
 async fn redis() -> Client {
-    let url = common::require_env("NZ_TEST_REDIS_URL");
-    let client = Builder::from_config(Config::from_url(&url).expect("redis url"))
+    redis_at(&common::require_env("NZ_TEST_REDIS_URL")).await
+}
+
+async fn redis_at(url: &str) -> Client {
+    let client = Builder::from_config(Config::from_url(url).expect("redis url"))
         .build()
         .expect("redis client");
     client.init().await.expect("connect to the test redis");
@@ -104,8 +107,19 @@ struct Open {
 
 fn limiter(redis: &Client, ns: &str, min_output: u64, settle_after: Duration) -> Limiter {
     let url = common::require_env("NZ_TEST_REDIS_URL");
+    limiter_on(&url, redis, ns, min_output, settle_after)
+}
+
+/// [`limiter`] on the Redis at `url` (`redis` is a client of the same server).
+fn limiter_on(
+    url: &str,
+    redis: &Client,
+    ns: &str,
+    min_output: u64,
+    settle_after: Duration,
+) -> Limiter {
     let timeout = Duration::from_secs(2);
-    let redis = LimiterRedis::new(redis.clone(), &url, timeout).expect("script pool");
+    let redis = LimiterRedis::new(redis.clone(), url, timeout).expect("script pool");
     Limiter::new(
         Some(redis),
         Arc::new(LeaseBook::default()),
@@ -196,26 +210,36 @@ async fn carrying(settle_after: Duration) -> Carrying {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_admission_puts_its_carried_settlement_back() {
-    let c = carrying(Duration::from_secs(600)).await;
+    // A private Redis, frozen while the admission waits: its reply cannot come early.
+    let server = common::Redis::start();
+    let redis = redis_at(&server.url).await;
+    let periods = Periods::at(chrono::Utc::now());
+    fresh_counters(&redis, "cancel:bu:k:21", &periods).await;
+    let limiter = limiter_on(&server.url, &redis, "cancel", 1, Duration::from_secs(600));
+    let queue = limiter.settlements().expect("queue");
     let key = one_at_a_time(1000);
-    let first = c.limiter.admit(&key, &demand(c.periods)).await;
-    c.limiter
-        .settle(first.expect("admitted").expect("limits apply"), 7);
+    let first = limiter.admit(&key, &demand(periods)).await;
+    limiter.settle(first.expect("admitted").expect("limits apply"), 7);
+    server.freeze(true);
     // Polled once, the next admission takes the settlement, writes its call and waits for the
     // reply; dropped there, it is a request cancelled mid-admission.
-    let second = demand(c.periods);
-    let mut next = Box::pin(c.limiter.admit(&key, &second));
+    let second = demand(periods);
+    let mut next = Box::pin(limiter.admit(&key, &second));
     let waiting =
         std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx).is_pending()))
             .await;
-    assert!(waiting, "the reply cannot have come within the first poll");
+    assert!(
+        waiting,
+        "Redis is frozen: the admission waits for its reply"
+    );
     drop(next);
-    assert_eq!(c.queue.outstanding(), 1, "the settlement is not lost");
+    server.freeze(false);
+    assert_eq!(queue.outstanding(), 1, "the settlement is not lost");
     // Queued again: the shutdown drain sends it.
-    c.queue
+    queue
         .drain(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
-    assert_eq!(c.queue.outstanding(), 0, "sent by the drain");
+    assert_eq!(queue.outstanding(), 0, "sent by the drain");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
