@@ -49,12 +49,21 @@ impl Periods {
 
     /// `YYYYMMDD`: ordered as numbers, so a counter is only ever rolled forward.
     pub fn day_stamp(&self) -> String {
-        self.day.format("%Y%m%d").to_string()
+        self.day_number().to_string()
     }
 
     /// `YYYYMM`.
     pub fn month_stamp(&self) -> String {
-        self.day.format("%Y%m").to_string()
+        self.month_number().to_string()
+    }
+
+    /// [`Self::day_stamp`] as a number (what Redis receives: the same digits).
+    pub fn day_number(&self) -> i64 {
+        self.month_number() * 100 + i64::from(self.day.day())
+    }
+
+    pub fn month_number(&self) -> i64 {
+        i64::from(self.day.year()) * 100 + i64::from(self.day.month())
     }
 }
 
@@ -112,6 +121,11 @@ mod tests {
         assert_eq!(until_period_end(t, true), Duration::from_secs(30));
         let mid = at("2026-11-22T12:00:00+02:00");
         assert_eq!(Periods::at(mid).day_stamp(), "20261122");
+        let early = Periods::at(at("2027-01-05T00:00:00Z"));
+        assert_eq!(
+            (early.day_stamp().as_str(), early.month_number()),
+            ("20270105", 202701)
+        );
         assert_eq!(
             until_period_end(mid, true),
             Duration::from_secs(8 * 86_400 + 14 * 3600)

@@ -3,18 +3,73 @@
 //! `done`, `type`, ...) while the bytes stream past.
 //!
 //! It keeps no copy of the input: a value split across two chunks is carried in the walker's
-//! fixed-size state (a key buffer per level, a number accumulator), so the same bytes yield
-//! the same events whatever the chunking. It trusts its input to be JSON produced by Ollama
-//! (it does not validate grammar); on malformed input it simply reports less.
+//! fixed-size state (the key being read, a number accumulator), so the same bytes yield the same
+//! events whatever the chunking. Keys are classified into [`Key`] once, when they end, so a path
+//! is a slice of small values and matching it compares no bytes. It trusts its input to be JSON
+//! produced by Ollama (it does not validate grammar); on malformed input it simply reports less.
 
 /// Nesting levels tracked; deeper values are walked but never reported.
 pub const MAX_DEPTH: usize = 6;
-/// Longest key remembered; longer keys never match a path.
+/// Longest key remembered; longer keys are [`Key::Other`].
 const KEY_CAP: usize = 24;
 /// Bytes of a string value kept for the `type`-style comparisons.
 const STR_CAP: usize = 40;
 
-/// A reported value. `path` holds the keys from the top level down (`"[]"` for array items).
+/// A step of a value's path: the object keys accounting matches on, an array item, or any
+/// other key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// An array item (`[]`).
+    Item,
+    /// A key no path of ours uses (or one too long, or written with escapes).
+    Other,
+    Done,
+    PromptEvalCount,
+    EvalCount,
+    Usage,
+    PromptTokens,
+    CompletionTokens,
+    InputTokens,
+    OutputTokens,
+    Response,
+    Choices,
+    Delta,
+    Role,
+    Text,
+    Message,
+    Content,
+    Thinking,
+    Error,
+    Type,
+}
+
+impl Key {
+    fn classify(key: &[u8]) -> Key {
+        match key {
+            b"done" => Key::Done,
+            b"prompt_eval_count" => Key::PromptEvalCount,
+            b"eval_count" => Key::EvalCount,
+            b"usage" => Key::Usage,
+            b"prompt_tokens" => Key::PromptTokens,
+            b"completion_tokens" => Key::CompletionTokens,
+            b"input_tokens" => Key::InputTokens,
+            b"output_tokens" => Key::OutputTokens,
+            b"response" => Key::Response,
+            b"choices" => Key::Choices,
+            b"delta" => Key::Delta,
+            b"role" => Key::Role,
+            b"text" => Key::Text,
+            b"message" => Key::Message,
+            b"content" => Key::Content,
+            b"thinking" => Key::Thinking,
+            b"error" => Key::Error,
+            b"type" => Key::Type,
+            _ => Key::Other,
+        }
+    }
+}
+
+/// A reported value. `path` holds the keys from the top level down.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Event<'a> {
     /// A top-level value (object) begins.
@@ -22,47 +77,19 @@ pub enum Event<'a> {
     /// A top-level value ended.
     End,
     Number {
-        path: &'a [&'a str],
+        path: &'a [Key],
         value: u64,
     },
     Bool {
-        path: &'a [&'a str],
+        path: &'a [Key],
         value: bool,
     },
     /// A string value: its length in bytes (escapes counted raw) and its first bytes.
     Str {
-        path: &'a [&'a str],
+        path: &'a [Key],
         len: usize,
         prefix: &'a [u8],
     },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Container {
-    Object,
-    Array,
-}
-
-#[derive(Clone, Copy)]
-struct Level {
-    container: Container,
-    /// Inside an object: the next string is a key.
-    expect_key: bool,
-    key: [u8; KEY_CAP],
-    key_len: usize,
-    key_overflow: bool,
-}
-
-impl Level {
-    const fn new(container: Container) -> Self {
-        Self {
-            container,
-            expect_key: matches!(container, Container::Object),
-            key: [0; KEY_CAP],
-            key_len: 0,
-            key_overflow: false,
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -77,13 +104,22 @@ enum Scalar {
 }
 
 pub struct JsonWalker {
-    levels: [Level; MAX_DEPTH + 1],
+    /// The path: `path[d - 1]` is the key (or [`Key::Item`]) of the value at depth `d`.
+    path: [Key; MAX_DEPTH],
+    /// Per tracked depth: the container is an object whose next string is a key.
+    expect_key: [bool; MAX_DEPTH],
+    /// Per tracked depth: the container is an object (not an array).
+    object: [bool; MAX_DEPTH],
     /// Current nesting depth (0 = between top-level values). Levels beyond MAX_DEPTH are
     /// counted but not stored.
     depth: usize,
     in_string: bool,
     escape: bool,
     string_is_key: bool,
+    /// The key being read (only one at a time), classified when it ends.
+    key: [u8; KEY_CAP],
+    key_len: usize,
+    key_overflow: bool,
     str_len: usize,
     str_prefix: [u8; STR_CAP],
     scalar: Scalar,
@@ -99,11 +135,16 @@ impl Default for JsonWalker {
 impl JsonWalker {
     pub const fn new() -> Self {
         Self {
-            levels: [Level::new(Container::Array); MAX_DEPTH + 1],
+            path: [Key::Other; MAX_DEPTH],
+            expect_key: [false; MAX_DEPTH],
+            object: [false; MAX_DEPTH],
             depth: 0,
             in_string: false,
             escape: false,
             string_is_key: false,
+            key: [0; KEY_CAP],
+            key_len: 0,
+            key_overflow: false,
             str_len: 0,
             str_prefix: [0; STR_CAP],
             scalar: Scalar::None,
@@ -154,13 +195,11 @@ impl JsonWalker {
                     on_event(Event::Begin);
                 }
                 self.depth += 1;
-                if self.depth <= MAX_DEPTH {
-                    let c = if b == b'{' {
-                        Container::Object
-                    } else {
-                        Container::Array
-                    };
-                    self.levels[self.depth] = Level::new(c);
+                // The new level's path step: no key until one is read; `[]` for array items.
+                if let Some(i) = self.tracked() {
+                    self.object[i] = b == b'{';
+                    self.expect_key[i] = b == b'{';
+                    self.path[i] = if b == b'{' { Key::Other } else { Key::Item };
                 }
             }
             b'}' | b']' if self.depth > 0 => {
@@ -170,10 +209,10 @@ impl JsonWalker {
                 }
             }
             b',' => {
-                if let Some(level) = self.current_mut()
-                    && level.container == Container::Object
+                if let Some(i) = self.tracked()
+                    && self.object[i]
                 {
-                    level.expect_key = true;
+                    self.expect_key[i] = true;
                 }
             }
             b'"' => {
@@ -181,14 +220,10 @@ impl JsonWalker {
                 self.escape = false;
                 self.str_len = 0;
                 self.string_is_key = self
-                    .current()
-                    .is_some_and(|l| l.container == Container::Object && l.expect_key);
-                if self.string_is_key
-                    && let Some(level) = self.current_mut()
-                {
-                    level.key_len = 0;
-                    level.key_overflow = false;
-                }
+                    .tracked()
+                    .is_some_and(|i| self.object[i] && self.expect_key[i]);
+                self.key_len = 0;
+                self.key_overflow = false;
             }
             b'-' => self.start_scalar(Scalar::BadNumber, 0),
             b'0'..=b'9' => self.start_scalar(Scalar::Number, u64::from(b - b'0')),
@@ -200,12 +235,9 @@ impl JsonWalker {
         }
     }
 
-    fn current(&self) -> Option<&Level> {
-        (self.depth >= 1 && self.depth <= MAX_DEPTH).then(|| &self.levels[self.depth])
-    }
-
-    fn current_mut(&mut self) -> Option<&mut Level> {
-        (self.depth >= 1 && self.depth <= MAX_DEPTH).then(|| &mut self.levels[self.depth])
+    /// The index of the current level in the per-depth arrays, when it is tracked.
+    fn tracked(&self) -> Option<usize> {
+        (self.depth >= 1 && self.depth <= MAX_DEPTH).then(|| self.depth - 1)
     }
 
     fn start_scalar(&mut self, kind: Scalar, number: u64) {
@@ -235,8 +267,7 @@ impl JsonWalker {
 
     fn finish_scalar(&mut self, on_event: &mut impl FnMut(Event<'_>)) {
         let scalar = std::mem::replace(&mut self.scalar, Scalar::None);
-        let mut keys = [""; MAX_DEPTH];
-        let Some(path) = self.path(&mut keys) else {
+        let Some(path) = self.value_path() else {
             return;
         };
         match scalar {
@@ -260,44 +291,46 @@ impl JsonWalker {
             b'\\' => {
                 self.escape = true;
                 // A key with escapes never matches a path (ours have none).
-                if self.string_is_key
-                    && let Some(level) = self.current_mut()
-                {
-                    level.key_overflow = true;
+                if self.string_is_key {
+                    self.key_overflow = true;
                 }
                 self.push_string_byte(b);
             }
             b'"' => {
                 self.in_string = false;
                 if self.string_is_key {
-                    if let Some(level) = self.current_mut() {
-                        level.expect_key = false;
-                    }
-                } else {
-                    let (len, prefix) = (self.str_len, self.str_prefix);
-                    let mut keys = [""; MAX_DEPTH];
-                    if let Some(path) = self.path(&mut keys) {
-                        on_event(Event::Str {
-                            path,
-                            len,
-                            prefix: &prefix[..len.min(STR_CAP)],
-                        });
-                    }
+                    self.end_key();
+                } else if let Some(path) = self.value_path() {
+                    let len = self.str_len;
+                    on_event(Event::Str {
+                        path,
+                        len,
+                        prefix: &self.str_prefix[..len.min(STR_CAP)],
+                    });
                 }
             }
             _ => self.push_string_byte(b),
         }
     }
 
+    fn end_key(&mut self) {
+        if let Some(i) = self.tracked() {
+            self.expect_key[i] = false;
+            self.path[i] = if self.key_overflow {
+                Key::Other
+            } else {
+                Key::classify(&self.key[..self.key_len])
+            };
+        }
+    }
+
     /// [`Self::push_string_byte`] for a run of plain string bytes.
     fn push_string_run(&mut self, run: &[u8]) {
         if self.string_is_key {
-            if let Some(level) = self.current_mut() {
-                let fits = run.len().min(KEY_CAP - level.key_len);
-                level.key[level.key_len..level.key_len + fits].copy_from_slice(&run[..fits]);
-                level.key_len += fits;
-                level.key_overflow |= fits < run.len();
-            }
+            let fits = run.len().min(KEY_CAP - self.key_len);
+            self.key[self.key_len..self.key_len + fits].copy_from_slice(&run[..fits]);
+            self.key_len += fits;
+            self.key_overflow |= fits < run.len();
         } else {
             let fits = run.len().min(STR_CAP.saturating_sub(self.str_len));
             if fits > 0 {
@@ -308,39 +341,12 @@ impl JsonWalker {
     }
 
     fn push_string_byte(&mut self, b: u8) {
-        if self.string_is_key {
-            if let Some(level) = self.current_mut() {
-                if level.key_len < KEY_CAP {
-                    level.key[level.key_len] = b;
-                    level.key_len += 1;
-                } else {
-                    level.key_overflow = true;
-                }
-            }
-        } else {
-            if self.str_len < STR_CAP {
-                self.str_prefix[self.str_len] = b;
-            }
-            self.str_len += 1;
-        }
+        self.push_string_run(std::slice::from_ref(&b));
     }
 
-    /// The key path of the value being completed, or `None` beyond the tracked depth.
-    fn path<'k>(&'k self, keys: &'k mut [&'k str; MAX_DEPTH]) -> Option<&'k [&'k str]> {
-        if self.depth == 0 || self.depth > MAX_DEPTH {
-            return None;
-        }
-        for d in 1..=self.depth {
-            let level = &self.levels[d];
-            keys[d - 1] = match level.container {
-                Container::Array => "[]",
-                Container::Object if level.key_overflow => "\u{0}",
-                Container::Object => {
-                    std::str::from_utf8(&level.key[..level.key_len]).unwrap_or("\u{0}")
-                }
-            };
-        }
-        Some(&keys[..self.depth])
+    /// The key path of the value being completed, or `None` outside the tracked depths.
+    fn value_path(&self) -> Option<&[Key]> {
+        self.tracked().map(|i| &self.path[..=i])
     }
 }
 
@@ -364,19 +370,17 @@ mod tests {
         let input = br#"{"model":"m","done":true,"eval_count":12,"usage":{"prompt_tokens":3},"x":[{"type":"a"}],"f":-1.5}"#;
         let ev = events(input, &[]);
         assert!(
-            ev.contains(&r#"Bool { path: ["done"], value: true }"#.to_string()),
+            ev.contains(&"Bool { path: [Done], value: true }".to_string()),
             "{ev:?}"
         );
-        assert!(ev.contains(&r#"Number { path: ["eval_count"], value: 12 }"#.to_string()));
-        assert!(
-            ev.contains(&r#"Number { path: ["usage", "prompt_tokens"], value: 3 }"#.to_string())
-        );
+        assert!(ev.contains(&"Number { path: [EvalCount], value: 12 }".to_string()));
+        assert!(ev.contains(&"Number { path: [Usage, PromptTokens], value: 3 }".to_string()));
         assert!(
             ev.iter()
-                .any(|e| e.starts_with(r#"Str { path: ["x", "[]", "type"], len: 1"#))
+                .any(|e| e.starts_with("Str { path: [Other, Item, Type], len: 1"))
         );
         assert!(
-            !ev.iter().any(|e| e.contains("\"f\"")),
+            !ev.iter().any(|e| e.starts_with("Number { path: [Other]")),
             "fractional numbers are not counts"
         );
         assert_eq!(ev.first().map(String::as_str), Some("Begin"));
@@ -387,10 +391,27 @@ mod tests {
     fn strings_with_escapes_and_braces_do_not_confuse_it() {
         let input = br#"{"message":{"content":"a \"eval_count\":9 } { ]"},"eval_count":2}"#;
         let ev = events(input, &[]);
-        let counts: Vec<&String> = ev.iter().filter(|e| e.contains("eval_count")).collect();
+        let counts: Vec<&String> = ev.iter().filter(|e| e.contains("EvalCount")).collect();
         assert_eq!(
             counts,
-            vec![&r#"Number { path: ["eval_count"], value: 2 }"#.to_string()]
+            vec![&"Number { path: [EvalCount], value: 2 }".to_string()]
+        );
+    }
+
+    #[test]
+    fn only_whole_unescaped_keys_are_classified() {
+        let input = br#"{"done_reason":"stop","d\u006fne":true,"eval_count_x":1,"done":false}"#;
+        let ev = events(input, &[]);
+        assert_eq!(
+            ev,
+            vec![
+                "Begin",
+                "Str { path: [Other], len: 4, prefix: [115, 116, 111, 112] }",
+                "Bool { path: [Other], value: true }",
+                "Number { path: [Other], value: 1 }",
+                "Bool { path: [Done], value: false }",
+                "End",
+            ]
         );
     }
 
@@ -411,11 +432,11 @@ mod tests {
     fn long_strings_and_keys_keep_their_first_bytes_whatever_the_split() {
         let input = br#"{"content":"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ-tail","a_key_longer_than_twenty_four_bytes":5,"eval_count":7}"#;
         let whole = events(input, &[]);
-        let prefix = r#"Str { path: ["content"], len: 51, prefix: [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 65, 66, 67, 68] }"#;
+        let prefix = r#"Str { path: [Content], len: 51, prefix: [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 65, 66, 67, 68] }"#;
         assert!(whole.contains(&prefix.to_string()), "{whole:?}");
-        assert!(whole.contains(&r#"Number { path: ["eval_count"], value: 7 }"#.to_string()));
+        assert!(whole.contains(&"Number { path: [EvalCount], value: 7 }".to_string()));
         assert!(
-            !whole.iter().any(|e| e.contains("a_key_longer")),
+            whole.contains(&"Number { path: [Other], value: 5 }".to_string()),
             "an over-long key matches no path: {whole:?}"
         );
         for i in 0..=input.len() {

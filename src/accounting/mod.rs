@@ -17,7 +17,7 @@
 pub mod json_path;
 pub mod usage_strip;
 
-use json_path::{Event, JsonWalker};
+use json_path::{Event, JsonWalker, Key};
 
 use crate::routes::RouteKind;
 
@@ -138,13 +138,19 @@ struct SseFramer {
     value_started: bool,
     /// The current `data:` value began with `[` (the `[DONE]` sentinel): not JSON.
     sentinel: bool,
-    sentinel_len: usize,
 }
 
 pub struct UsageScanner {
-    format: Format,
     walker: JsonWalker,
     framer: SseFramer,
+    /// Apart from the walker, so that the walker's callback can borrow it while the walker
+    /// runs.
+    state: ScanState,
+}
+
+/// What the scanner has learnt from the events so far.
+struct ScanState {
+    format: Format,
     cur: Current,
     usage: Option<Usage>,
     completed: bool,
@@ -157,29 +163,29 @@ pub struct UsageScanner {
 impl UsageScanner {
     pub fn new(format: Format, embeddings: bool) -> Self {
         Self {
-            format,
             walker: JsonWalker::new(),
             framer: SseFramer::default(),
-            cur: Current::default(),
-            usage: None,
-            completed: false,
-            in_band_error: false,
-            content_chunks: 0,
-            embeddings,
+            state: ScanState {
+                format,
+                cur: Current::default(),
+                usage: None,
+                completed: false,
+                in_band_error: false,
+                content_chunks: 0,
+                embeddings,
+            },
         }
     }
 
     pub fn format(&self) -> Format {
-        self.format
+        self.state.format
     }
 
     /// Observes one chunk of the response body (no copy, no allocation).
     pub fn observe(&mut self, chunk: &[u8]) {
-        match self.format {
+        match self.state.format {
             Format::Native | Format::OpenAiJson => {
-                let mut walker = std::mem::take(&mut self.walker);
-                walker.feed(chunk, &mut |e| self.on_event(e));
-                self.walker = walker;
+                self.walker.feed(chunk, &mut |e| self.state.on_event(e));
             }
             Format::OpenAiSse | Format::ResponsesSse => self.observe_sse(chunk),
         }
@@ -187,6 +193,89 @@ impl UsageScanner {
 
     /// The result so far; call when the body ended or was abandoned.
     pub fn finish(&self, request_body_bytes: usize) -> Outcome {
+        self.state.finish(request_body_bytes)
+    }
+
+    fn observe_sse(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        while let Some(&b) = chunk.get(i) {
+            if b == b'\n' || b == b'\r' {
+                self.end_line();
+                i += 1;
+                continue;
+            }
+            if self.framer.in_json() || self.framer.take(b) {
+                // The rest of the line is the event's JSON: the walker takes it in one piece.
+                let end = memchr::memchr2(b'\n', b'\r', &chunk[i..]).map_or(chunk.len(), |n| i + n);
+                self.walker
+                    .feed(&chunk[i..end], &mut |e| self.state.on_event(e));
+                i = end;
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    fn end_line(&mut self) {
+        let f = &mut self.framer;
+        let was_field_line = f.field_len > 0 || f.in_value;
+        if f.sentinel && self.state.format == Format::OpenAiSse {
+            // `data: [DONE]`: the stream's terminator.
+            self.state.completed = true;
+        }
+        if !was_field_line && self.walker.depth() != 0 {
+            // An event ended inside a JSON value: it was cut; forget the partial value.
+            self.walker.reset();
+        }
+        *f = SseFramer::default();
+    }
+}
+
+impl SseFramer {
+    /// Inside a `data:` line's JSON value (not the `[DONE]` sentinel).
+    fn in_json(&self) -> bool {
+        self.in_value && self.value_started && !self.sentinel && self.is_data_field()
+    }
+
+    /// Takes one byte of a line before its JSON value; true when `b` begins the JSON value of
+    /// a `data:` field.
+    fn take(&mut self, b: u8) -> bool {
+        if !self.in_value {
+            if b == b':' {
+                self.in_value = true;
+                self.skipped_space = false;
+                self.value_started = false;
+            } else if self.field_len < self.field.len() {
+                self.field[self.field_len] = b;
+                self.field_len += 1;
+            } else {
+                self.field_overflow = true;
+            }
+            return false;
+        }
+        if !self.skipped_space {
+            self.skipped_space = true;
+            if b == b' ' {
+                return false;
+            }
+        }
+        if !self.is_data_field() {
+            return false;
+        }
+        if !self.value_started {
+            self.value_started = true;
+            self.sentinel = b == b'[';
+        }
+        !self.sentinel
+    }
+
+    fn is_data_field(&self) -> bool {
+        !self.field_overflow && &self.field[..self.field_len] == b"data"
+    }
+}
+
+impl ScanState {
+    fn finish(&self, request_body_bytes: usize) -> Outcome {
         let (usage, reported) = match self.usage {
             Some(u) => (u, true),
             None => (
@@ -215,37 +304,39 @@ impl UsageScanner {
             Event::Begin => self.cur = Current::default(),
             Event::End => self.end_object(),
             Event::Bool {
-                path: ["done"],
+                path: [Key::Done],
                 value,
             } => self.cur.done = value,
             Event::Number { path, value } => match (self.format, path) {
-                (Format::Native, ["prompt_eval_count"]) => self.cur.prompt = Some(value),
-                (Format::Native, ["eval_count"]) => self.cur.completion = Some(value),
-                (_, ["usage", "prompt_tokens" | "input_tokens"]) => self.cur.prompt = Some(value),
-                (_, ["usage", "completion_tokens" | "output_tokens"]) => {
-                    self.cur.completion = Some(value)
-                }
-                (Format::ResponsesSse, ["response", "usage", "input_tokens"]) => {
+                (Format::Native, [Key::PromptEvalCount]) => self.cur.prompt = Some(value),
+                (Format::Native, [Key::EvalCount]) => self.cur.completion = Some(value),
+                (_, [Key::Usage, Key::PromptTokens | Key::InputTokens]) => {
                     self.cur.prompt = Some(value)
                 }
-                (Format::ResponsesSse, ["response", "usage", "output_tokens"]) => {
+                (_, [Key::Usage, Key::CompletionTokens | Key::OutputTokens]) => {
                     self.cur.completion = Some(value)
                 }
-                (_, ["choices", ..]) => self.cur.has_choices = true,
+                (Format::ResponsesSse, [Key::Response, Key::Usage, Key::InputTokens]) => {
+                    self.cur.prompt = Some(value)
+                }
+                (Format::ResponsesSse, [Key::Response, Key::Usage, Key::OutputTokens]) => {
+                    self.cur.completion = Some(value)
+                }
+                (_, [Key::Choices, ..]) => self.cur.has_choices = true,
                 _ => {}
             },
             Event::Str { path, len, prefix } => match path {
-                ["error"] | ["error", "message"] => self.cur.error = true,
-                ["type"] => self.cur.kind = event_kind(prefix),
-                ["choices", "[]", "delta", "role"] => self.cur.has_choices = true,
-                ["choices", "[]", "delta", ..]
-                | ["choices", "[]", "text"]
-                | ["message", "content" | "thinking"]
-                | ["response"] => {
-                    self.cur.has_choices |= path[0] == "choices";
+                [Key::Error] | [Key::Error, Key::Message] => self.cur.error = true,
+                [Key::Type] => self.cur.kind = event_kind(prefix),
+                [Key::Choices, Key::Item, Key::Delta, Key::Role] => self.cur.has_choices = true,
+                [Key::Choices, Key::Item, Key::Delta, ..]
+                | [Key::Choices, Key::Item, Key::Text]
+                | [Key::Message, Key::Content | Key::Thinking]
+                | [Key::Response] => {
+                    self.cur.has_choices |= path[0] == Key::Choices;
                     self.cur.content |= len > 0;
                 }
-                ["choices", ..] => self.cur.has_choices = true,
+                [Key::Choices, ..] => self.cur.has_choices = true,
                 _ => {}
             },
             Event::Bool { .. } => {}
@@ -294,77 +385,6 @@ impl UsageScanner {
                 _ => {}
             },
         }
-    }
-
-    fn observe_sse(&mut self, chunk: &[u8]) {
-        let mut walker = std::mem::take(&mut self.walker);
-        let mut start_of_value: Option<usize> = None;
-        for (i, &b) in chunk.iter().enumerate() {
-            if b == b'\n' || b == b'\r' {
-                if let Some(s) = start_of_value.take() {
-                    walker.feed(&chunk[s..i], &mut |e| self.on_event(e));
-                }
-                self.end_line(&mut walker);
-                continue;
-            }
-            let f = &mut self.framer;
-            if !f.in_value {
-                if b == b':' {
-                    f.in_value = true;
-                    f.skipped_space = false;
-                    f.value_started = false;
-                } else if f.field_len < f.field.len() {
-                    f.field[f.field_len] = b;
-                    f.field_len += 1;
-                } else {
-                    f.field_overflow = true;
-                }
-                continue;
-            }
-            if !f.skipped_space {
-                f.skipped_space = true;
-                if b == b' ' {
-                    continue;
-                }
-            }
-            if !self.is_data_field() {
-                continue;
-            }
-            let f = &mut self.framer;
-            if !f.value_started {
-                f.value_started = true;
-                f.sentinel = b == b'[';
-            }
-            if f.sentinel {
-                f.sentinel_len += 1;
-                continue;
-            }
-            if start_of_value.is_none() {
-                start_of_value = Some(i);
-            }
-        }
-        if let Some(s) = start_of_value {
-            walker.feed(&chunk[s..], &mut |e| self.on_event(e));
-        }
-        self.walker = walker;
-    }
-
-    fn is_data_field(&self) -> bool {
-        !self.framer.field_overflow && &self.framer.field[..self.framer.field_len] == b"data"
-    }
-
-    fn end_line(&mut self, walker: &mut JsonWalker) {
-        let f = &mut self.framer;
-        let was_field_line = f.field_len > 0 || f.in_value;
-        if f.sentinel && self.format == Format::OpenAiSse {
-            // `data: [DONE]`: the stream's terminator.
-            self.completed = true;
-        }
-        if !was_field_line && walker.depth() != 0 {
-            // An event ended inside a JSON value: it was cut; forget the partial value.
-            walker.reset();
-        }
-        *f = SseFramer::default();
     }
 }
 

@@ -5,7 +5,7 @@
 -- KEYS: first 5 per rate scope (requests this minute, requests last minute, tokens this minute,
 --       tokens last minute, concurrency lease set: member -> lease expiry ms), then 2 per budget
 --       scope (usage hash, reservation set: member -> lease expiry ms). Key scope first.
--- ARGV:  1 now ms            2 fraction of the minute elapsed   3 prompt bound (tokens)
+-- ARGV:  1 now ms            2 ms elapsed in this minute         3 prompt bound (tokens)
 --        4 requested output cap (-1: none)   5 output reserved against TPM when nothing caps it
 --        6 smallest output worth admitting   7 lease member     8 lease expiry ms
 --        9 day stamp YYYYMMDD   10 month stamp YYYYMM   11 budget mode (1 reserve, 0 post)
@@ -22,7 +22,7 @@
 --   {4, budget scope, period}                 room held by reservations of requests in flight
 -- A function of limits.lua: KEYS and ARGV are the admission's part of the call.
 local function admit(KEYS, ARGV)
-  local frac = tonumber(ARGV[2])
+  local frac = tonumber(ARGV[2]) / 60000
   local bound = tonumber(ARGV[3])
   local cap = tonumber(ARGV[4])
   local minimal = tonumber(ARGV[6])

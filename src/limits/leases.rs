@@ -12,32 +12,33 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use super::LEASE_TTL;
+use super::keys::AdmissionKeys;
 use crate::log_throttle::LogEvery;
 
 const RENEW_EVERY: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub struct LeaseBook {
-    held: Mutex<HashMap<String, Vec<String>>>,
+    held: Mutex<HashMap<u64, Arc<AdmissionKeys>>>,
 }
 
 impl LeaseBook {
-    pub fn hold(&self, member: &str, sets: &[String]) {
+    pub fn hold(&self, keys: &Arc<AdmissionKeys>) {
         if let Ok(mut h) = self.held.lock() {
-            h.insert(member.to_string(), sets.to_vec());
+            h.insert(keys.id, keys.clone());
         }
     }
 
-    pub fn release(&self, member: &str) {
+    pub fn release(&self, id: u64) {
         if let Ok(mut h) = self.held.lock() {
-            h.remove(member);
+            h.remove(&id);
         }
     }
 
-    fn snapshot(&self) -> Vec<(String, Vec<String>)> {
+    fn snapshot(&self) -> Vec<Arc<AdmissionKeys>> {
         self.held
             .lock()
-            .map(|h| h.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|h| h.values().cloned().collect())
             .unwrap_or_default()
     }
 }
@@ -71,12 +72,12 @@ impl BackgroundService for LeaseRenewer {
             let until = super::now_ms() as f64 + LEASE_TTL.as_millis() as f64;
             // One command per set, not per lease: idle streams cost O(sets) per tick.
             let mut by_set: HashMap<&str, Vec<(f64, &str)>> = HashMap::new();
-            for (member, sets) in &held {
-                for set in sets {
+            for keys in &held {
+                for set in keys.renewed.iter() {
                     by_set
-                        .entry(set.as_str())
+                        .entry(keys.names.get(set))
                         .or_default()
-                        .push((until, member.as_str()));
+                        .push((until, keys.member.as_str()));
                 }
             }
             let pipe = self.redis.pipeline();

@@ -18,6 +18,7 @@
 //! written by the audit sidecar) holds the durable usage they are re-seeded from when Redis
 //! has lost them ([`seed`]).
 
+pub mod keys;
 pub mod leases;
 pub mod reservation;
 pub mod seed;
@@ -34,9 +35,10 @@ use crate::principal::{Principal, ScopeLimits};
 use crate::redis_link::bounded;
 use crate::redis_script::{Arg, ScriptError, ScriptPool};
 use crate::settings::BudgetMode;
+use keys::{AdmissionKeys, KeyNames, KeySet, MAX_KEYS, ScopeName};
 use leases::LeaseBook;
 use seed::{SeedOutcome, SeedTarget, Seeder};
-use settlement::{MAX_CARRIED, SettleQueue, Settlement};
+use settlement::{Charge, MAX_CARRIED, SettleQueue, Settlement};
 
 /// How long a concurrency lease or budget reservation lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -146,14 +148,11 @@ pub struct Demand {
 /// An admitted request's charges, kept in the CTX until settlement.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    member: String,
-    token_keys: Vec<String>,
-    lease_keys: Vec<String>,
-    budget_keys: Vec<String>,
+    keys: Arc<AdmissionKeys>,
     reserved: u64,
-    day: String,
-    month: String,
-    event_id: String,
+    day: i64,
+    month: i64,
+    event_id: uuid::Uuid,
     /// The output cap a budget imposes, when it is tighter than the request's own: the
     /// forwarded body must carry it.
     pub clamp_output: Option<u64>,
@@ -220,14 +219,31 @@ pub struct LimiterConfig {
 
 struct RateScope<'a> {
     scope: Scope,
-    prefix: String,
+    name: ScopeName,
     limits: &'a ScopeLimits,
 }
 
 struct BudgetScope<'a> {
     scope: Scope,
-    target: SeedTarget,
+    name: ScopeName,
+    tenant_id: i64,
     limits: &'a ScopeLimits,
+}
+
+impl BudgetScope<'_> {
+    /// What the seeder restores when Redis has lost this scope's counters.
+    fn target(&self, ns: &str) -> SeedTarget {
+        SeedTarget {
+            hash: format!("{ns}:bu:{}:{}", self.name.tag, self.name.id),
+            scope: self.scope,
+            tenant_id: self.tenant_id,
+            key_id: if self.scope == Scope::Key {
+                self.name.id
+            } else {
+                0
+            },
+        }
+    }
 }
 
 fn limit_arg(v: Option<i64>) -> i64 {
@@ -288,7 +304,7 @@ impl Limiter {
             .filter(|(_, _, _, l)| has_rate(l))
             .map(|(scope, tag, id, limits)| RateScope {
                 scope: *scope,
-                prefix: format!("{}:rl:{tag}:{id}", self.ns),
+                name: ScopeName { tag, id: *id },
                 limits,
             })
             .collect();
@@ -297,12 +313,8 @@ impl Limiter {
             .filter(|(_, _, _, l)| has_budget(l))
             .map(|(scope, tag, id, limits)| BudgetScope {
                 scope: *scope,
-                target: SeedTarget {
-                    hash: format!("{}:bu:{tag}:{id}", self.ns),
-                    scope: *scope,
-                    tenant_id: p.tenant_id,
-                    key_id: if *scope == Scope::Key { p.key_id } else { 0 },
-                },
+                name: ScopeName { tag, id: *id },
+                tenant_id: p.tenant_id,
                 limits,
             })
             .collect();
@@ -363,7 +375,10 @@ impl Limiter {
         let (Some(seeder), Some(b)) = (self.seeder.as_ref(), budgets.get(index)) else {
             return Err(Reply::Reseed(index));
         };
-        match seeder.seed_if_fresh(&b.target, clock::now()).await {
+        match seeder
+            .seed_if_fresh(&b.target(&self.ns), clock::now())
+            .await
+        {
             SeedOutcome::Seeded => Err(Reply::Seeded),
             SeedOutcome::Pending => Err(Reply::Reseed(index)),
             SeedOutcome::Failed => Err(Reply::Error(true)),
@@ -379,14 +394,15 @@ impl Limiter {
     ) -> Result<Option<Admission>, Reply> {
         let now_ms = now_ms();
         let minute = now_ms / 60_000;
-        let frac = (now_ms % 60_000) as f64 / 60_000.0;
+        let into_minute = now_ms % 60_000;
+        let frac = into_minute as f64 / 60_000.0;
         // Unique per admission (not the request id: a client may reuse one for concurrent
         // requests) and short: Redis stores it in up to four sets and hashes per request.
         let n = self
             .admissions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let member = format!("{}:{n:x}", self.instance);
-        let (day, month) = (demand.periods.day_stamp(), demand.periods.month_stamp());
+        let (day, month) = (demand.periods.day_number(), demand.periods.month_number());
         // Bounded so Redis integer arithmetic stays exact whatever a client asks for.
         let bound = demand.prompt_bound.min(MAX_TOKENS);
         let reserve = self.mode == BudgetMode::Reserve;
@@ -400,20 +416,24 @@ impl Limiter {
             None => -1,
         };
         let minimal = if requested == 0 { 0 } else { self.min_output };
-        let keys = call_keys(rates, budgets, minute);
-        let frac_arg = format!("{frac:.6}");
+        let names = KeyNames::admission(
+            &self.ns,
+            rates.iter().map(|s| s.name),
+            budgets.iter().map(|b| b.name),
+            minute,
+        );
         // Numbers go to Redis without a string each (`Arg::Int`).
         let mut args = vec![
             Arg::Int(now_ms as i64),
-            Arg::Str(&frac_arg),
+            Arg::Int(into_minute as i64),
             Arg::Int(bound as i64),
             Arg::Int(requested),
             Arg::Int(self.default_output.min(MAX_TOKENS) as i64),
             Arg::Int(minimal as i64),
             Arg::Str(&member),
             Arg::Int((now_ms + LEASE_TTL.as_millis() as u64) as i64),
-            Arg::Str(&day),
-            Arg::Str(&month),
+            Arg::Int(day),
+            Arg::Int(month),
             Arg::Int(i64::from(reserve)),
             Arg::Int(rates.len() as i64),
         ];
@@ -432,7 +452,11 @@ impl Limiter {
                 args.push(Arg::Int(limit_arg(limit.map(|l| l.min(MAX_TOKENS as i64)))));
             }
         }
-        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut refs = [""; MAX_KEYS];
+        for (r, k) in refs.iter_mut().zip(names.all()) {
+            *r = k;
+        }
+        let key_refs = &refs[..names.len()];
         // Settlements this instance has queued ride on this call, settled before the checks;
         // taken once the call has its connection, so that no connect comes between the take
         // and the write (see "Settlements" in docs/architecture.md).
@@ -443,10 +467,10 @@ impl Limiter {
         };
         let result = match (connection, &carried) {
             (Ok(connection), Some((_, c))) => {
-                let (all_keys, all_args) = c.call(&key_refs, &args);
+                let (all_keys, all_args) = c.call(key_refs, &args);
                 connection.call(&all_keys, &all_args).await
             }
-            (Ok(connection), None) => connection.call(&key_refs, &args).await,
+            (Ok(connection), None) => connection.call(key_refs, &args).await,
             (Err(e), _) => Err(e),
         };
         // The script answered: it settled what it carried, even when the admission failed.
@@ -471,7 +495,7 @@ impl Limiter {
                 // The script may have run before the reply was lost (a timeout): give back the
                 // lease and reservation it may have taken. Its request and token charges stay
                 // (over-counting errs on the safe side and expires with the window).
-                self.release_orphan(&redis.client, rates, budgets, &member);
+                self.release_orphan(&redis.client, rates, &names, &member);
                 return Err(Reply::Error(!budgets.is_empty()));
             }
         };
@@ -488,24 +512,25 @@ impl Limiter {
                 let clamp_output = (!budgets.is_empty() && reserve && *cap >= 0)
                     .then_some(*cap as u64)
                     .filter(|c| own_cap.is_none_or(|own| (*c as i64) < own));
-                let (token_keys, lease_keys, budget_keys) = admission_keys(keys, rates.len());
-                let admission = Admission {
-                    token_keys,
-                    lease_keys,
-                    budget_keys,
+                let renewed = renewed_sets(&names, rates, reserve);
+                let keys = Arc::new(AdmissionKeys {
+                    names,
                     member,
+                    id: n,
+                    renewed,
+                });
+                if !renewed.is_empty() {
+                    self.leases.hold(&keys);
+                }
+                Ok(Some(Admission {
+                    keys,
                     reserved: reservation,
                     day,
                     month,
-                    event_id: demand.event_id.to_string(),
+                    event_id: demand.event_id,
                     clamp_output,
                     headers: headers(rates, used, reset_secs),
-                };
-                let renewed = admission.renewed_sets(rates, reserve);
-                if !renewed.is_empty() {
-                    self.leases.hold(&admission.member, &renewed);
-                }
-                Ok(Some(admission))
+                }))
             }
             [1, scope, kind, current, previous] => Err(Reply::Rate {
                 index: usize::try_from(*scope).unwrap_or(0),
@@ -608,14 +633,12 @@ impl Limiter {
         &self,
         redis: &Client,
         rates: &[RateScope<'_>],
-        budgets: &[BudgetScope<'_>],
+        names: &KeyNames,
         member: &str,
     ) {
-        let sets: Vec<String> = rates
+        let sets: Vec<String> = renewed_sets(names, rates, true)
             .iter()
-            .filter(|s| s.limits.max_concurrent.is_some())
-            .map(|s| format!("{}:c", s.prefix))
-            .chain(budgets.iter().map(|b| format!("{}:res", b.target.hash)))
+            .map(|k| names.get(k).to_string())
             .collect();
         if sets.is_empty() {
             return;
@@ -663,12 +686,18 @@ impl Limiter {
     /// has the settlement.
     pub fn settle(&self, admission: Admission, actual: u64) {
         let Some(queue) = &self.settlements else {
-            self.leases.release(&admission.member);
+            self.leases.release(admission.keys.id);
             return;
         };
-        let member = admission.member.clone();
-        let (keys, args) = admission.settle_call(actual.min(MAX_TOKENS));
-        queue.push(Settlement::new(keys, args, member));
+        let charge = Charge {
+            reserved: admission.reserved,
+            actual: actual.min(MAX_TOKENS),
+            day: admission.day,
+            month: admission.month,
+            event_id: admission.event_id,
+            now_ms: now_ms(),
+        };
+        queue.push(Settlement::new(admission.keys, charge));
     }
 
     /// Settlements not yet in Redis: shutdown sends them before it closes the connection.
@@ -700,76 +729,21 @@ enum Reply {
     Error(bool),
 }
 
-impl Admission {
-    /// The sets whose entry for this admission the lease renewer keeps alive.
-    fn renewed_sets(&self, rates: &[RateScope<'_>], reserve: bool) -> Vec<String> {
-        let conc = rates
-            .iter()
-            .filter(|s| s.limits.max_concurrent.is_some())
-            .map(|s| format!("{}:c", s.prefix));
-        let reservations = self
-            .budget_keys
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .filter(|_| reserve)
-            .cloned();
-        conc.chain(reservations).collect()
-    }
-
-    /// The settlement's keys and arguments (see settle.lua); the admission's strings move
-    /// into them.
-    fn settle_call(self, actual: u64) -> (Vec<String>, Vec<String>) {
-        let rates = self.token_keys.len();
-        let mut keys = Vec::with_capacity(rates * 2 + self.budget_keys.len());
-        for (t, c) in self.token_keys.into_iter().zip(self.lease_keys) {
-            keys.push(t);
-            keys.push(c);
+/// The sets whose entry for an admission the lease renewer keeps alive: the concurrency sets
+/// of scopes with a limit, and in reserve mode the budgets' reservation sets.
+fn renewed_sets(names: &KeyNames, rates: &[RateScope<'_>], reserve: bool) -> KeySet {
+    let mut set = KeySet::default();
+    for (i, s) in rates.iter().enumerate() {
+        if s.limits.max_concurrent.is_some() {
+            set.insert(names.lease_set(i));
         }
-        keys.extend(self.budget_keys);
-        let delta = actual as i64 - self.reserved as i64;
-        let args = vec![
-            delta.to_string(),
-            self.member,
-            rates.to_string(),
-            actual.to_string(),
-            self.day,
-            self.month,
-            self.event_id,
-            now_ms().to_string(),
-        ];
-        (keys, args)
     }
-}
-
-/// The admission's keys (see admit.lua): 5 per rate scope, then 2 per budget scope.
-fn call_keys(rates: &[RateScope<'_>], budgets: &[BudgetScope<'_>], minute: u64) -> Vec<String> {
-    let mut keys = Vec::with_capacity(rates.len() * 5 + budgets.len() * 2);
-    for s in rates {
-        keys.push(format!("{}:r:{minute}", s.prefix));
-        keys.push(format!("{}:r:{}", s.prefix, minute - 1));
-        keys.push(format!("{}:t:{minute}", s.prefix));
-        keys.push(format!("{}:t:{}", s.prefix, minute - 1));
-        keys.push(format!("{}:c", s.prefix));
+    if reserve {
+        for j in 0..names.budgets() {
+            set.insert(names.reservation_set(j));
+        }
     }
-    for b in budgets {
-        keys.push(b.target.hash.clone());
-        keys.push(format!("{}:res", b.target.hash));
-    }
-    keys
-}
-
-/// From the admission's keys, what its settlement needs: per rate scope the token bucket it
-/// charged and its lease set, then the budget keys.
-fn admission_keys(mut keys: Vec<String>, rates: usize) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let budget_keys = keys.split_off((rates * 5).min(keys.len()));
-    let mut token_keys = Vec::with_capacity(rates);
-    let mut lease_keys = Vec::with_capacity(rates);
-    for scope in keys.chunks_exact_mut(5) {
-        token_keys.push(std::mem::take(&mut scope[2]));
-        lease_keys.push(std::mem::take(&mut scope[4]));
-    }
-    (token_keys, lease_keys, budget_keys)
+    set
 }
 
 fn now_ms() -> u64 {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::keys::AdmissionKeys;
 use super::leases::LeaseBook;
 use crate::log_throttle::LogEvery;
 use crate::redis_script::{Arg, ScriptPool};
@@ -37,10 +38,16 @@ const IDLE_LOOK: Duration = Duration::from_millis(100);
 
 /// One admitted request's settlement call (see settle.lua for its keys and arguments).
 pub struct Settlement {
-    keys: Vec<String>,
-    args: Vec<String>,
-    /// Its lease, released once Redis has the settlement.
-    member: String,
+    keys: Arc<AdmissionKeys>,
+    /// Actual tokens minus those reserved (the rate buckets' correction; may be negative).
+    delta: i64,
+    actual: i64,
+    /// The admission's budget periods (`YYYYMMDD`, `YYYYMM`).
+    day: i64,
+    month: i64,
+    /// Names usage settled while the counters are being re-seeded (hyphenated text).
+    event_id: [u8; uuid::fmt::Hyphenated::LENGTH],
+    now_ms: i64,
     retry: Option<Retry>,
 }
 
@@ -50,12 +57,28 @@ struct Retry {
     give_up: Instant,
 }
 
+/// What a settlement charges: its actual tokens against the admission's reservation.
+pub struct Charge {
+    pub reserved: u64,
+    pub actual: u64,
+    pub day: i64,
+    pub month: i64,
+    pub event_id: uuid::Uuid,
+    pub now_ms: u64,
+}
+
 impl Settlement {
-    pub fn new(keys: Vec<String>, args: Vec<String>, member: String) -> Self {
+    pub fn new(keys: Arc<AdmissionKeys>, charge: Charge) -> Self {
+        let mut event_id = [0; uuid::fmt::Hyphenated::LENGTH];
+        charge.event_id.hyphenated().encode_lower(&mut event_id);
         Self {
             keys,
-            args,
-            member,
+            delta: charge.actual as i64 - charge.reserved as i64,
+            actual: charge.actual as i64,
+            day: charge.day,
+            month: charge.month,
+            event_id,
+            now_ms: charge.now_ms as i64,
             retry: None,
         }
     }
@@ -63,7 +86,25 @@ impl Settlement {
     fn ready(&self, now: Instant) -> bool {
         self.retry.as_ref().is_none_or(|r| r.at <= now)
     }
+
+    /// Its arguments, in settle.lua's order.
+    fn args(&self) -> [Arg<'_>; SETTLE_ARGS] {
+        // Always ASCII: written by `encode_lower`.
+        let event_id = std::str::from_utf8(&self.event_id).unwrap_or_default();
+        [
+            Arg::Int(self.delta),
+            Arg::Str(&self.keys.member),
+            Arg::Int(self.keys.names.rates() as i64),
+            Arg::Int(self.actual),
+            Arg::Int(self.day),
+            Arg::Int(self.month),
+            Arg::Str(event_id),
+            Arg::Int(self.now_ms),
+        ]
+    }
 }
+
+const SETTLE_ARGS: usize = 8;
 
 /// The settlements of one script call, written in front of the call's own keys and
 /// arguments, as limits.lua reads them.
@@ -91,16 +132,20 @@ impl Carried {
 
     /// The call's keys and arguments: the settlements', then `keys` and `args`, borrowed.
     pub fn call<'a>(&'a self, keys: &[&'a str], args: &[Arg<'a>]) -> (Vec<&'a str>, Vec<Arg<'a>>) {
-        let key_count = self.items.iter().map(|s| s.keys.len()).sum::<usize>() + keys.len();
-        let arg_count = self.items.iter().map(|s| s.args.len() + 2).sum::<usize>() + args.len() + 1;
-        let mut all_keys = Vec::with_capacity(key_count);
-        let mut all_args = Vec::with_capacity(arg_count);
+        let settle_keys: usize = self
+            .items
+            .iter()
+            .map(|s| s.keys.names.settlement_len())
+            .sum();
+        let settle_args = self.items.len() * (SETTLE_ARGS + 2);
+        let mut all_keys = Vec::with_capacity(settle_keys + keys.len());
+        let mut all_args = Vec::with_capacity(settle_args + args.len() + 1);
         all_args.push(Arg::Int(self.items.len() as i64));
         for s in &self.items {
-            all_keys.extend(s.keys.iter().map(String::as_str));
-            all_args.push(Arg::Int(s.keys.len() as i64));
-            all_args.push(Arg::Int(s.args.len() as i64));
-            all_args.extend(s.args.iter().map(|a| Arg::Str(a)));
+            all_keys.extend(s.keys.names.settlement());
+            all_args.push(Arg::Int(s.keys.names.settlement_len() as i64));
+            all_args.push(Arg::Int(SETTLE_ARGS as i64));
+            all_args.extend(s.args());
         }
         all_keys.extend_from_slice(keys);
         all_args.extend_from_slice(args);
@@ -186,7 +231,7 @@ impl SettleQueue {
     /// The call that carried `carried` answered: Redis has them.
     pub fn done(&self, mut carried: Carried) {
         for s in carried.items.drain(..) {
-            self.finish(&s.member);
+            self.finish(s.keys.id);
         }
     }
 
@@ -212,7 +257,7 @@ impl SettleQueue {
                 },
                 Some(r) if now >= r.give_up => {
                     tracing::warn!("limit settlement given up after an hour of Redis failures");
-                    self.finish(&s.member);
+                    self.finish(s.keys.id);
                     continue;
                 }
                 Some(r) => {
@@ -229,8 +274,8 @@ impl SettleQueue {
         }
     }
 
-    fn finish(&self, member: &str) {
-        self.leases.release(member);
+    fn finish(&self, id: u64) {
+        self.leases.release(id);
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
     }
 
