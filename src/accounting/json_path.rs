@@ -84,7 +84,8 @@ pub enum Event<'a> {
         path: &'a [Key],
         value: bool,
     },
-    /// A string value: its length in bytes (escapes counted raw) and its first bytes.
+    /// A string value: its length in bytes (escapes counted raw) and, for a `type` value, its
+    /// first bytes (empty for any other).
     Str {
         path: &'a [Key],
         len: usize,
@@ -116,6 +117,9 @@ pub struct JsonWalker {
     in_string: bool,
     escape: bool,
     string_is_key: bool,
+    /// The string is a `type` value, whose first bytes the event carries (no other value's
+    /// bytes are kept).
+    keep_prefix: bool,
     /// The key being read (only one at a time), classified when it ends.
     key: [u8; KEY_CAP],
     key_len: usize,
@@ -142,6 +146,7 @@ impl JsonWalker {
             in_string: false,
             escape: false,
             string_is_key: false,
+            keep_prefix: false,
             key: [0; KEY_CAP],
             key_len: 0,
             key_overflow: false,
@@ -219,9 +224,10 @@ impl JsonWalker {
                 self.in_string = true;
                 self.escape = false;
                 self.str_len = 0;
-                self.string_is_key = self
-                    .tracked()
-                    .is_some_and(|i| self.object[i] && self.expect_key[i]);
+                let at = self.tracked();
+                self.string_is_key = at.is_some_and(|i| self.object[i] && self.expect_key[i]);
+                self.keep_prefix =
+                    !self.string_is_key && at.is_some_and(|i| self.path[i] == Key::Type);
                 self.key_len = 0;
                 self.key_overflow = false;
             }
@@ -302,10 +308,15 @@ impl JsonWalker {
                     self.end_key();
                 } else if let Some(path) = self.value_path() {
                     let len = self.str_len;
+                    let kept = if self.keep_prefix {
+                        len.min(STR_CAP)
+                    } else {
+                        0
+                    };
                     on_event(Event::Str {
                         path,
                         len,
-                        prefix: &self.str_prefix[..len.min(STR_CAP)],
+                        prefix: &self.str_prefix[..kept],
                     });
                 }
             }
@@ -333,7 +344,7 @@ impl JsonWalker {
             self.key_overflow |= fits < run.len();
         } else {
             let fits = run.len().min(STR_CAP.saturating_sub(self.str_len));
-            if fits > 0 {
+            if self.keep_prefix && fits > 0 {
                 self.str_prefix[self.str_len..self.str_len + fits].copy_from_slice(&run[..fits]);
             }
             self.str_len += run.len();
@@ -406,7 +417,7 @@ mod tests {
             ev,
             vec![
                 "Begin",
-                "Str { path: [Other], len: 4, prefix: [115, 116, 111, 112] }",
+                "Str { path: [Other], len: 4, prefix: [] }",
                 "Bool { path: [Other], value: true }",
                 "Number { path: [Other], value: 1 }",
                 "Bool { path: [Done], value: false }",
@@ -430,10 +441,14 @@ mod tests {
 
     #[test]
     fn long_strings_and_keys_keep_their_first_bytes_whatever_the_split() {
-        let input = br#"{"content":"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ-tail","a_key_longer_than_twenty_four_bytes":5,"eval_count":7}"#;
+        let input = br#"{"type":"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ-tail","content":"abc","a_key_longer_than_twenty_four_bytes":5,"eval_count":7}"#;
         let whole = events(input, &[]);
-        let prefix = r#"Str { path: [Content], len: 51, prefix: [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 65, 66, 67, 68] }"#;
+        let prefix = r#"Str { path: [Type], len: 51, prefix: [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 65, 66, 67, 68] }"#;
         assert!(whole.contains(&prefix.to_string()), "{whole:?}");
+        assert!(
+            whole.contains(&"Str { path: [Content], len: 3, prefix: [] }".to_string()),
+            "only `type` values keep their bytes: {whole:?}"
+        );
         assert!(whole.contains(&"Number { path: [EvalCount], value: 7 }".to_string()));
         assert!(
             whole.contains(&"Number { path: [Other], value: 5 }".to_string()),

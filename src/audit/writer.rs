@@ -332,39 +332,64 @@ fn take_queued(rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>)
 }
 
 /// `WITH audit AS (INSERT ...), <usage CTEs>, <prompt CTE> SELECT ...`: data-modifying CTEs
-/// run exactly once each, in one statement (atomic without a transaction block).
+/// run exactly once each, in one statement (atomic without a transaction block). Rows go in as
+/// one array per column (`unnest`), so the statement's text is the same for every batch: sqlx
+/// and Postgres prepare it once, and no placeholder is written per row.
 fn batch_statement(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
         "WITH audit AS (INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, \
          client_ip, method, path, surface, model, stream, status, upstream_status, error_code, \
-         prompt_tokens, completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) ",
+         prompt_tokens, completion_tokens, bytes_in, bytes_out, ttfb_ms, latency_ms, user_agent) \
+         SELECT * FROM unnest(",
     );
-    qb.push_values(chunk, |mut b, e| {
-        b.push_bind(e.event_id)
-            .push_bind(e.ts)
-            .push_bind(e.request_id.clone())
-            .push_bind(e.tenant_id)
-            .push_bind(e.key_id)
-            .push_bind(e.key_prefix.clone())
-            .push("CAST(")
-            .push_bind_unseparated(e.client_ip.clone())
-            .push_unseparated(" AS inet)")
-            .push_bind(e.method.clone())
-            .push_bind(e.path.clone())
-            .push_bind(e.surface.clone())
-            .push_bind(e.model.clone())
-            .push_bind(e.stream)
-            .push_bind(e.status)
-            .push_bind(e.upstream_status)
-            .push_bind(e.error_code.clone())
-            .push_bind(e.prompt_tokens)
-            .push_bind(e.completion_tokens)
-            .push_bind(e.bytes_in)
-            .push_bind(e.bytes_out)
-            .push_bind(e.ttfb_ms)
-            .push_bind(e.latency_ms)
-            .push_bind(e.user_agent.clone());
-    });
+    fn col<'a, T>(chunk: &'a [AuditEvent], f: impl Fn(&'a AuditEvent) -> T) -> Vec<T> {
+        chunk.iter().map(f).collect()
+    }
+    let text = |f: fn(&AuditEvent) -> Option<&str>| col(chunk, f);
+    qb.push_bind(col(chunk, |e| e.event_id))
+        .push("::uuid[], ")
+        .push_bind(col(chunk, |e| e.ts))
+        .push("::timestamptz[], ")
+        .push_bind(col(chunk, |e| e.request_id.as_str()))
+        .push("::text[], ")
+        .push_bind(col(chunk, |e| e.tenant_id))
+        .push("::bigint[], ")
+        .push_bind(col(chunk, |e| e.key_id))
+        .push("::bigint[], ")
+        .push_bind(text(|e| e.key_prefix.as_deref()))
+        .push("::text[], ")
+        .push_bind(text(|e| e.client_ip.as_deref()))
+        .push("::text[]::inet[], ")
+        .push_bind(col(chunk, |e| e.method.as_str()))
+        .push("::text[], ")
+        .push_bind(col(chunk, |e| e.path.as_str()))
+        .push("::text[], ")
+        .push_bind(col(chunk, |e| e.surface.as_str()))
+        .push("::text[], ")
+        .push_bind(text(|e| e.model.as_deref()))
+        .push("::text[], ")
+        .push_bind(col(chunk, |e| e.stream))
+        .push("::boolean[], ")
+        .push_bind(col(chunk, |e| e.status))
+        .push("::integer[], ")
+        .push_bind(col(chunk, |e| e.upstream_status))
+        .push("::integer[], ")
+        .push_bind(text(|e| e.error_code.as_deref()))
+        .push("::text[], ")
+        .push_bind(col(chunk, |e| e.prompt_tokens))
+        .push("::bigint[], ")
+        .push_bind(col(chunk, |e| e.completion_tokens))
+        .push("::bigint[], ")
+        .push_bind(col(chunk, |e| e.bytes_in))
+        .push("::bigint[], ")
+        .push_bind(col(chunk, |e| e.bytes_out))
+        .push("::bigint[], ")
+        .push_bind(col(chunk, |e| e.ttfb_ms))
+        .push("::float8[], ")
+        .push_bind(col(chunk, |e| e.latency_ms))
+        .push("::float8[], ")
+        .push_bind(text(|e| e.user_agent.as_deref()))
+        .push("::text[])");
     qb.push(" ON CONFLICT (event_id, ts) DO NOTHING RETURNING 1)");
     push_usage(&mut qb, chunk);
     push_prompts(&mut qb, chunk);
