@@ -885,8 +885,8 @@ impl ProxyHttp for Gateway {
                 (RATE_HEADERS_TOKENS, a.headers.tokens),
             ] {
                 if let Some((limit, remaining)) = values {
-                    upstream_response.insert_header(limit_name, limit.to_string())?;
-                    upstream_response.insert_header(remaining_name, remaining.to_string())?;
+                    upstream_response.insert_header(limit_name, limit)?;
+                    upstream_response.insert_header(remaining_name, remaining)?;
                     upstream_response.insert_header(reset_name, reset.as_str())?;
                 }
             }

@@ -261,6 +261,15 @@ fn cuts(seed: u64, len: usize, count: usize) -> Vec<usize> {
 }
 
 #[test]
+fn data_fields_without_a_space_read_the_same() {
+    let spaced = chat_sse(5, true, true);
+    let tight = spaced.replace("data: ", "data:");
+    let outcome = scan(Format::OpenAiSse, tight.as_bytes(), &[]);
+    assert_eq!(outcome, scan(Format::OpenAiSse, spaced.as_bytes(), &[]));
+    assert!(outcome.reported && outcome.completed, "{outcome:?}");
+}
+
+#[test]
 fn every_chunking_gives_the_same_outcome() {
     let samples: Vec<(Format, String)> = vec![
         (Format::Native, native_stream(6, true)),
@@ -271,6 +280,11 @@ fn every_chunking_gives_the_same_outcome() {
             chat_sse(5, false, true).replace('\n', "\r\n"),
         ),
         (Format::OpenAiSse, completions_sse(4, true)),
+        // `data:` without its optional space.
+        (
+            Format::OpenAiSse,
+            chat_sse(5, true, true).replace("data: ", "data:"),
+        ),
         (Format::ResponsesSse, responses_sse(3, true)),
         (
             Format::OpenAiJson,

@@ -332,9 +332,10 @@ fn take_queued(rx: &mut mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>)
 }
 
 /// `WITH audit AS (INSERT ...), <usage CTEs>, <prompt CTE> SELECT ...`: data-modifying CTEs
-/// run exactly once each, in one statement (atomic without a transaction block). Rows go in as
-/// one array per column (`unnest`), so the statement's text is the same for every batch: sqlx
-/// and Postgres prepare it once, and no placeholder is written per row.
+/// run exactly once each, in one statement (atomic without a transaction block). Audit rows go
+/// in as one array per column (`unnest`): no placeholder is written per row, and the text only
+/// varies with which optional CTEs a batch needs (usage; prompt-log rows, one placeholder set
+/// per opted-in request), so sqlx and Postgres reuse a few prepared statements.
 fn batch_statement(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
         "WITH audit AS (INSERT INTO audit_log (event_id, ts, request_id, tenant_id, key_id, key_prefix, \

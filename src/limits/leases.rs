@@ -17,6 +17,7 @@ use crate::log_throttle::LogEvery;
 
 const RENEW_EVERY: Duration = Duration::from_secs(3);
 
+/// Keyed by the admission's number in its [`super::Limiter`]: a book serves one limiter.
 #[derive(Default)]
 pub struct LeaseBook {
     held: Mutex<HashMap<u64, Arc<AdmissionKeys>>>,

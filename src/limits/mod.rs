@@ -416,6 +416,8 @@ impl Limiter {
             None => -1,
         };
         let minimal = if requested == 0 { 0 } else { self.min_output };
+        // A principal has a key scope and a tenant scope; the key layout holds no more.
+        debug_assert!(rates.len() <= 2 && budgets.len() <= 2);
         let names = KeyNames::admission(
             &self.ns,
             rates.iter().map(|s| s.name),
