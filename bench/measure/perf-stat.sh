@@ -10,32 +10,23 @@
 # this script, not with `nz-bench compare` figures.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# shellcheck source=bench/measure/load-400.sh
+. bench/measure/load-400.sh
 bin_dir=$(cd "$1" && pwd)
 label=${2:-$(basename "$bin_dir")}
-target=${3:-gateway}
-case "$target" in
-    gateway) pattern="$bin_dir/neuronetz-gateway serve" ;;
-    passthrough) pattern="$bin_dir/nz-passthrough" ;;
-    *) echo "target must be gateway or passthrough" >&2; exit 2 ;;
-esac
 out=$(mktemp -d)
-target/release/nz-bench compare --bin-dir "$bin_dir" --env-file target/nz-stores/env \
-    --scenario bench/scenarios/chat-stream.yaml --targets "$target" --duration 30s --quiet \
-    > "$out/run.log" 2>&1 &
-bench=$!
-sleep 10
-pid=$(pgrep -f "$pattern" | head -1)
-perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p "$pid" -- sleep 15 \
+trap 'rm -rf "$out"' EXIT
+load_400_start "$bin_dir" "${3:-gateway}" "$out"
+perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p "$load_pid" -- sleep 15 \
     2> "$out/perf.txt"
-wait "$bench"
-python3 - "$label" "$out/perf.txt" <<'PY'
+wait "$load_job"
+python3 - "$label" "$out/perf.txt" "$LOAD_400_REQUESTS" <<'PY'
 import re, sys
 text = open(sys.argv[2]).read()
 def total(name):
     m = re.search(r'([\d,.]+)\s+(msec\s+)?' + re.escape(name), text)
     return float(m.group(1).replace(',', '')) if m else float('nan')
-n = 400 * 15
+n = int(sys.argv[3])
 print(sys.argv[1], 'ms/req=%.3f cs/req=%.2f syscalls/req=%.2f' % (
     total('task-clock') / n, total('context-switches') / n, total('raw_syscalls:sys_enter') / n))
 PY
-rm -rf "$out"

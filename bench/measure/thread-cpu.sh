@@ -10,22 +10,14 @@
 # requests; a tick is 10 ms).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# shellcheck source=bench/measure/load-400.sh
+. bench/measure/load-400.sh
 bin_dir=$(cd "$1" && pwd)
 label=${2:-$(basename "$bin_dir")}
-target=${3:-gateway}
-case "$target" in
-    gateway) pattern="$bin_dir/neuronetz-gateway serve" ;;
-    passthrough) pattern="$bin_dir/nz-passthrough" ;;
-    *) echo "target must be gateway or passthrough" >&2; exit 2 ;;
-esac
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-target/release/nz-bench compare --bin-dir "$bin_dir" --env-file target/nz-stores/env \
-    --scenario bench/scenarios/chat-stream.yaml --targets "$target" --duration 30s --quiet \
-    > "$out/run.log" 2>&1 &
-bench=$!
-sleep 10
-pid=$(pgrep -f "$pattern" | head -1)
+load_400_start "$bin_dir" "${3:-gateway}" "$out"
+pid=$load_pid
 snapshot() {
     local t
     for t in /proc/"$pid"/task/*; do
@@ -36,7 +28,7 @@ snapshot() {
 snapshot > "$out/a"
 sleep 15
 snapshot > "$out/b"
-wait "$bench"
-join "$out/a" "$out/b" | awk -v label="$label" '
+wait "$load_job"
+join "$out/a" "$out/b" | awk -v label="$label" -v n="$LOAD_400_REQUESTS" '
     { u = $6 - $3; s = $7 - $4; if (u + s > 0) printf "%s %-20s user %4d sys %4d ticks\n", label, $2, u, s; tu += u; ts += s }
-    END { printf "%s total ms/req=%.3f (user %.3f, sys %.3f)\n", label, (tu + ts) * 10 / 6000, tu * 10 / 6000, ts * 10 / 6000 }'
+    END { printf "%s total ms/req=%.3f (user %.3f, sys %.3f)\n", label, (tu + ts) * 10 / n, tu * 10 / n, ts * 10 / n }'
