@@ -13,8 +13,13 @@ local function settle(KEYS, ARGV)
   local day, month = ARGV[5], ARGV[6]
 
   for i = 1, rates * 2, 2 do
-    if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+    if delta ~= 0 then
       local v = redis.call('INCRBY', KEYS[i], delta)
+      -- The bucket had expired (its minute is past every window) or held 0: it must not stay
+      -- without an expiry.
+      if v == delta then
+        redis.call('PEXPIRE', KEYS[i], 120000)
+      end
       if v < 0 then
         redis.call('SET', KEYS[i], 0, 'KEEPTTL')
       end
@@ -25,7 +30,7 @@ local function settle(KEYS, ARGV)
   for i = rates * 2 + 1, #KEYS, 2 do
     local h, z = KEYS[i], KEYS[i + 1]
     redis.call('ZREM', z, member)
-    local f = redis.call('HMGET', h, 'seeding', 'ds', 'ms', 'r:' .. member)
+    local f = redis.call('HMGET', h, 'seeding', 'ds', 'ms', 'r:' .. member, 'd', 'm', 't', 'rsum')
     -- Counters lost (Redis restarted) or being re-seeded: mark them and keep this usage as late,
     -- so the seed counts it whether or not Postgres has it yet.
     if f[1] or not f[2] then
@@ -34,18 +39,28 @@ local function settle(KEYS, ARGV)
       end
       redis.call('HSET', h, 'late:' .. ARGV[7], actual .. ':' .. day .. ':' .. month)
     else
+      -- One HSET writes every new count (the script is atomic, so reading then writing is as
+      -- safe as HINCRBY); integers are written as digits, never in exponent form.
+      local set = {}
+      local function put(field, value)
+        set[#set + 1] = field
+        set[#set + 1] = string.format('%d', value)
+      end
       if f[4] then
         redis.call('HDEL', h, 'r:' .. member)
-        redis.call('HINCRBY', h, 'rsum', -tonumber(f[4]))
+        put('rsum', tonumber(f[8] or '0') - tonumber(f[4]))
       end
       if actual > 0 then
         if f[2] == day then
-          redis.call('HINCRBY', h, 'd', actual)
+          put('d', tonumber(f[5] or '0') + actual)
         end
         if f[3] == month then
-          redis.call('HINCRBY', h, 'm', actual)
+          put('m', tonumber(f[6] or '0') + actual)
         end
-        redis.call('HINCRBY', h, 't', actual)
+        put('t', tonumber(f[7] or '0') + actual)
+      end
+      if #set > 0 then
+        redis.call('HSET', h, unpack(set))
       end
     end
   end
