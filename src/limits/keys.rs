@@ -69,6 +69,18 @@ impl KeyNames {
         names
     }
 
+    /// A budget scope's usage hash alone (what the seeder restores).
+    pub fn usage_hash(ns: &str, scope: ScopeName) -> String {
+        let mut names = KeyNames {
+            text: String::new(),
+            ends: [0; MAX_KEYS],
+            len: 0,
+            rates: 0,
+        };
+        names.scope("bu", scope, ns);
+        names.text
+    }
+
     /// Starts a name with `{ns}:{family}:{tag}:{id}`.
     fn scope(&mut self, family: &str, scope: ScopeName, ns: &str) {
         self.text.push_str(ns);
@@ -216,6 +228,7 @@ mod tests {
         assert_eq!(n.settlement_len(), settle.len());
         assert_eq!(n.get(n.lease_set(1)), "nz:rl:t:3:c");
         assert_eq!(n.get(n.reservation_set(0)), "nz:bu:t:3:res");
+        assert_eq!(KeyNames::usage_hash("nz", tenant), n.get(10));
         assert_eq!(n.budgets(), 1);
         assert_eq!(n.get(12), "");
     }

@@ -234,7 +234,7 @@ impl BudgetScope<'_> {
     /// What the seeder restores when Redis has lost this scope's counters.
     fn target(&self, ns: &str) -> SeedTarget {
         SeedTarget {
-            hash: format!("{ns}:bu:{}:{}", self.name.tag, self.name.id),
+            hash: KeyNames::usage_hash(ns, self.name),
             scope: self.scope,
             tenant_id: self.tenant_id,
             key_id: if self.scope == Scope::Key {
