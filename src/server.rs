@@ -18,6 +18,7 @@ use crate::auth::cache::{DigestKey, PrincipalCache};
 use crate::auth::change_feed::{ChangeFollower, ChangeLog};
 use crate::auth::hasher::KeyHasher;
 use crate::limits::leases::{LeaseBook, LeaseRenewer};
+use crate::limits::local::LocalLimits;
 use crate::limits::seed::Seeder;
 use crate::limits::settlement::SettleQueue;
 use crate::limits::{Limiter, LimiterConfig, LimiterRedis};
@@ -117,7 +118,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         Arc::new(Seeder::new(
             client,
             store.clone(),
-            pipeline,
+            pipeline.clone(),
             settings.budgets.seed_grace,
         ))
     });
@@ -130,22 +131,27 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         )?),
         _ => None,
     };
-    let limiter = Limiter::new(
-        limiter_redis,
-        leases.clone(),
-        seeder,
-        LimiterConfig {
-            fail_open: settings.limits_fail_open,
-            mode: settings.budgets.mode,
-            min_output: settings.budgets.min_output_tokens,
-            default_output: settings.tpm_default_output_tokens,
-            budget_default_output: settings.budgets.default_output_tokens,
-            ns: settings.redis_key_prefix.clone(),
-            retry_busy: true,
-            redis_timeout: settings.redis_timeout,
-            settle_after: crate::limits::settlement::FLUSH_AFTER,
-        },
-    );
+    let config = LimiterConfig {
+        fail_open: settings.limits_fail_open,
+        mode: settings.budgets.mode,
+        min_output: settings.budgets.min_output_tokens,
+        default_output: settings.tpm_default_output_tokens,
+        budget_default_output: settings.budgets.default_output_tokens,
+        ns: settings.redis_key_prefix.clone(),
+        retry_busy: true,
+        redis_timeout: settings.redis_timeout,
+        settle_after: crate::limits::settlement::FLUSH_AFTER,
+    };
+    let limiter = match limiter_redis {
+        Some(redis) => Limiter::new(Some(redis), leases.clone(), seeder, config),
+        None => {
+            tracing::warn!(
+                "REDIS_URL is not set: rate limits and budgets are kept in this process; run one instance only"
+            );
+            let local = LocalLimits::new(store.clone(), pipeline.clone());
+            Limiter::in_process(Arc::new(local), config)
+        }
+    };
     let clock_file = settings.clock_offset_file.clone();
     let state = Arc::new(AppState {
         audit,

@@ -1,6 +1,6 @@
 //! Property test of the budget scripts against a real Redis: random interleavings of
 //! reservations and settlements, by two gateway instances (two limiters), for two keys sharing
-//! a tenant. Whatever the order, the sum of actual usage never exceeds a key's or the tenant's
+//! a tenant; and of the in-process limiter (no Redis, counters read from Postgres). Whatever the order, the sum of actual usage never exceeds a key's or the tenant's
 //! budget, and once everything has settled the counters equal the usage and no reservation is
 //! left behind.
 //!
@@ -16,14 +16,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::{Builder, Client, ClientLike, Config, HashesInterface, KeysInterface};
+use neuronetz_gateway::audit::Pipeline;
 use neuronetz_gateway::clock::Periods;
+use neuronetz_gateway::limits::keys::ScopeName;
 use neuronetz_gateway::limits::leases::LeaseBook;
+use neuronetz_gateway::limits::local::LocalLimits;
 use neuronetz_gateway::limits::settlement::{FLUSH_AFTER, SettleQueue};
 use neuronetz_gateway::limits::{
     Admission, Demand, LimitError, Limiter, LimiterConfig, LimiterRedis,
 };
 use neuronetz_gateway::principal::{Principal, PrincipalIds, SubjectSettings};
 use neuronetz_gateway::settings::BudgetMode;
+use neuronetz_gateway::store::Store;
+use secrecy::SecretString;
 
 const CASES: u64 = 40;
 const STEPS: usize = 120;
@@ -118,24 +123,23 @@ fn limiter_on(
     min_output: u64,
     settle_after: Duration,
 ) -> Limiter {
-    let timeout = Duration::from_secs(2);
-    let redis = LimiterRedis::new(redis.clone(), url, timeout).expect("script pool");
-    Limiter::new(
-        Some(redis),
-        Arc::new(LeaseBook::default()),
-        None,
-        LimiterConfig {
-            fail_open: false,
-            mode: BudgetMode::Reserve,
-            min_output,
-            default_output: 64,
-            budget_default_output: 200,
-            ns: ns.to_string(),
-            retry_busy: false,
-            redis_timeout: timeout,
-            settle_after,
-        },
-    )
+    let config = config(ns, min_output, settle_after);
+    let redis = LimiterRedis::new(redis.clone(), url, config.redis_timeout).expect("script pool");
+    Limiter::new(Some(redis), Arc::new(LeaseBook::default()), None, config)
+}
+
+fn config(ns: &str, min_output: u64, settle_after: Duration) -> LimiterConfig {
+    LimiterConfig {
+        fail_open: false,
+        mode: BudgetMode::Reserve,
+        min_output,
+        default_output: 64,
+        budget_default_output: 200,
+        ns: ns.to_string(),
+        retry_busy: false,
+        redis_timeout: Duration::from_secs(2),
+        settle_after,
+    }
 }
 
 /// Key 21: one concurrent request allowed, and a daily budget.
@@ -321,13 +325,111 @@ async fn an_idle_instance_settles_within_moments() {
 
 /// Sends the limiter's queued settlements and returns once Redis has them.
 async fn flush(limiter: &Limiter) {
-    let queue = limiter
-        .settlements()
-        .expect("a limiter with Redis queues settlements");
+    // The in-process limiter settles at once.
+    let Some(queue) = limiter.settlements() else {
+        return;
+    };
     queue
         .drain(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
     assert_eq!(queue.outstanding(), 0, "settlements left unsent");
+}
+
+/// Budgets of one case and what each key used.
+struct Case {
+    key_budgets: [i64; 2],
+    tenant_budget: i64,
+    used: [i64; 2],
+}
+
+/// Random admissions and settlements of two keys of one tenant over `limiters` (any of them
+/// admits, the one that admitted settles); after every step, asserts that no budget is
+/// overshot. Ends with everything settled.
+async fn interleave(seed: u64, rng: &mut Rng, limiters: &[Limiter], periods: Periods) -> Case {
+    let tenant_budget = rng.range(150, 1200) as i64;
+    let key_budgets = [rng.range(100, 900) as i64, rng.range(100, 900) as i64];
+    let keys = [
+        principal(11, key_budgets[0], tenant_budget),
+        principal(12, key_budgets[1], tenant_budget),
+    ];
+    let mut open: Vec<Open> = Vec::new();
+    let mut used = [0i64; 2];
+    let (mut admitted, mut refused) = (0, 0);
+    let n = limiters.len() as u64;
+    for step in 0..STEPS {
+        let admit = open.is_empty() || (rng.below(100) < 55 && open.len() < 12);
+        if admit {
+            let key = rng.below(2) as usize;
+            let limiter = rng.below(n) as usize;
+            let bound = rng.range(1, 60);
+            let requested = (rng.below(10) >= 3).then(|| rng.range(1, 120));
+            let demand = Demand {
+                prompt_bound: bound,
+                output_cap: requested,
+                periods,
+                event_id: uuid::Uuid::new_v4(),
+            };
+            match limiters[limiter].admit(&keys[key], &demand).await {
+                Ok(Some(admission)) => {
+                    let cap = admission
+                        .clamp_output
+                        .or(requested)
+                        .expect("a budgeted request always has a cap");
+                    admitted += 1;
+                    open.push(Open {
+                        key,
+                        limiter,
+                        admission,
+                        bound,
+                        cap,
+                    });
+                }
+                Err(LimitError::Budget { .. } | LimitError::BudgetBusy { .. }) => refused += 1,
+                other => panic!("seed {seed} step {step}: unexpected {other:?}"),
+            }
+        } else {
+            let o = open.swap_remove(rng.below(open.len() as u64) as usize);
+            // What Ollama may use: at most the prompt bound and the cap it was given.
+            let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
+            limiters[o.limiter].settle(o.admission, actual);
+            used[o.key] += actual as i64;
+        }
+        // Settlements to Redis wait for the next admission of their instance, or the flusher;
+        // now and then this sends them at once, so every order of the two gets tried.
+        if rng.below(4) == 0 {
+            flush(&limiters[rng.below(n) as usize]).await;
+        }
+        for k in 0..2 {
+            assert!(
+                used[k] <= key_budgets[k],
+                "seed {seed} step {step}: key {k} used {} of {}",
+                used[k],
+                key_budgets[k]
+            );
+        }
+        assert!(
+            used[0] + used[1] <= tenant_budget,
+            "seed {seed} step {step}: tenant used {} of {tenant_budget}",
+            used[0] + used[1]
+        );
+    }
+    for o in open.drain(..) {
+        let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
+        limiters[o.limiter].settle(o.admission, actual);
+        used[o.key] += actual as i64;
+    }
+    for limiter in limiters {
+        flush(limiter).await;
+    }
+    assert!(
+        admitted > 0 && refused > 0,
+        "seed {seed}: both outcomes exercised ({admitted}/{refused})"
+    );
+    Case {
+        key_budgets,
+        tenant_budget,
+        used,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,89 +442,11 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
         let limiters: Vec<Limiter> = (0..2)
             .map(|_| limiter(&redis, &ns, rng.range(1, 4), FLUSH_AFTER))
             .collect();
-        let tenant_budget = rng.range(150, 1200) as i64;
-        let key_budgets = [rng.range(100, 900) as i64, rng.range(100, 900) as i64];
-        let keys = [
-            principal(11, key_budgets[0], tenant_budget),
-            principal(12, key_budgets[1], tenant_budget),
-        ];
         for hash in ["k:11", "k:12", "t:1"] {
             fresh_counters(&redis, &format!("{ns}:bu:{hash}"), &periods).await;
         }
-        let mut open: Vec<Open> = Vec::new();
-        let mut used = [0i64; 2];
-        let (mut admitted, mut refused) = (0, 0);
-        for step in 0..STEPS {
-            let admit = open.is_empty() || (rng.below(100) < 55 && open.len() < 12);
-            if admit {
-                let key = rng.below(2) as usize;
-                let limiter = rng.below(2) as usize;
-                let bound = rng.range(1, 60);
-                let requested = (rng.below(10) >= 3).then(|| rng.range(1, 120));
-                let demand = Demand {
-                    prompt_bound: bound,
-                    output_cap: requested,
-                    periods,
-                    event_id: uuid::Uuid::new_v4(),
-                };
-                match limiters[limiter].admit(&keys[key], &demand).await {
-                    Ok(Some(admission)) => {
-                        let cap = admission
-                            .clamp_output
-                            .or(requested)
-                            .expect("a budgeted request always has a cap");
-                        admitted += 1;
-                        open.push(Open {
-                            key,
-                            limiter,
-                            admission,
-                            bound,
-                            cap,
-                        });
-                    }
-                    Err(LimitError::Budget { .. } | LimitError::BudgetBusy { .. }) => refused += 1,
-                    other => panic!("seed {seed} step {step}: unexpected {other:?}"),
-                }
-            } else {
-                let o = open.swap_remove(rng.below(open.len() as u64) as usize);
-                // What Ollama may use: at most the prompt bound and the cap it was given.
-                let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
-                limiters[o.limiter].settle(o.admission, actual);
-                used[o.key] += actual as i64;
-            }
-            // Settlements wait for the next admission of their instance, or the flusher; now
-            // and then this sends them at once, so every order of the two gets tried.
-            if rng.below(4) == 0 {
-                flush(&limiters[rng.below(2) as usize]).await;
-            }
-            for k in 0..2 {
-                assert!(
-                    used[k] <= key_budgets[k],
-                    "seed {seed} step {step}: key {k} used {} of {}",
-                    used[k],
-                    key_budgets[k]
-                );
-            }
-            assert!(
-                used[0] + used[1] <= tenant_budget,
-                "seed {seed} step {step}: tenant used {} of {tenant_budget}",
-                used[0] + used[1]
-            );
-        }
-        for o in open.drain(..) {
-            let actual = rng.range(0, o.bound) + rng.range(0, o.cap);
-            limiters[o.limiter].settle(o.admission, actual);
-            used[o.key] += actual as i64;
-        }
-        for limiter in &limiters {
-            flush(limiter).await;
-        }
-        assert!(used[0] <= key_budgets[0] && used[1] <= key_budgets[1]);
-        assert!(used[0] + used[1] <= tenant_budget);
-        assert!(
-            admitted > 0 && refused > 0,
-            "seed {seed}: both outcomes exercised ({admitted}/{refused})"
-        );
+        let case = interleave(seed, &mut rng, &limiters, periods).await;
+        let used = case.used;
         for (hash, expect) in [
             ("k:11", used[0]),
             ("k:12", used[1]),
@@ -442,6 +466,49 @@ async fn no_interleaving_of_reserve_and_settle_overshoots_a_budget() {
             assert!(
                 !fields.keys().any(|f| f.starts_with("r:")),
                 "seed {seed}: reservation entries left in {h}: {fields:?}"
+            );
+        }
+    }
+}
+
+/// The in-process limiter (no Redis) under the same interleavings: its counters start from a
+/// real Postgres (an empty `budget_usage`) and end equal to the usage, with nothing reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_interleaving_overshoots_a_budget_in_process() {
+    let db = tokio::task::spawn_blocking(common::fresh_database)
+        .await
+        .expect("fresh database");
+    let db = SecretString::from(db);
+    let pool = neuronetz_gateway::store::connect_now(&db)
+        .await
+        .expect("connect");
+    neuronetz_gateway::store::migrate(&pool)
+        .await
+        .expect("migrations");
+    let store = Arc::new(Store::new(&db, 2).expect("store"));
+    let spool = tempfile::tempdir().expect("spool dir");
+    let pipeline = Arc::new(Pipeline::new(spool.path().to_path_buf()));
+    let periods = Periods::at(chrono::Utc::now());
+    for seed in 1..=CASES {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let local = Arc::new(LocalLimits::new(store.clone(), pipeline.clone()));
+        let config = config("local", rng.range(1, 4), FLUSH_AFTER);
+        let limiters = [Limiter::in_process(local.clone(), config)];
+        let case = interleave(seed, &mut rng, &limiters, periods).await;
+        let used = case.used;
+        assert!(used[0] <= case.key_budgets[0] && used[1] <= case.key_budgets[1]);
+        assert!(used[0] + used[1] <= case.tenant_budget);
+        for (scope, expect) in [
+            (ScopeName { tag: "k", id: 11 }, used[0]),
+            (ScopeName { tag: "k", id: 12 }, used[1]),
+            (ScopeName { tag: "t", id: 1 }, used[0] + used[1]),
+        ] {
+            let c = local.counters(scope).expect("seeded counters");
+            assert_eq!(c.used_day, expect, "seed {seed}: {scope:?} {c:?}");
+            assert_eq!(c.used_total, expect, "seed {seed}: {scope:?} {c:?}");
+            assert_eq!(
+                c.in_flight, 0,
+                "seed {seed}: reservations left in {scope:?}"
             );
         }
     }

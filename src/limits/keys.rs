@@ -15,7 +15,7 @@ const TOKENS_NOW: usize = 2;
 const LEASES: usize = 4;
 
 /// Which scope's keys: its tag in the key name and its id.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ScopeName {
     pub tag: &'static str,
     pub id: i64,

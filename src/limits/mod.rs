@@ -20,6 +20,7 @@
 
 pub mod keys;
 pub mod leases;
+pub mod local;
 pub mod reservation;
 pub mod seed;
 pub mod settlement;
@@ -37,6 +38,7 @@ use crate::redis_script::{Arg, ScriptError, ScriptPool};
 use crate::settings::BudgetMode;
 use keys::{AdmissionKeys, KeyNames, KeySet, MAX_KEYS, ScopeName};
 use leases::LeaseBook;
+use local::{LocalHold, LocalLimits};
 use seed::{SeedOutcome, SeedTarget, Seeder};
 use settlement::{Charge, MAX_CARRIED, SettleQueue, Settlement};
 
@@ -148,7 +150,7 @@ pub struct Demand {
 /// An admitted request's charges, kept in the CTX until settlement.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    keys: Arc<AdmissionKeys>,
+    hold: Hold,
     reserved: u64,
     day: i64,
     month: i64,
@@ -157,6 +159,106 @@ pub struct Admission {
     /// forwarded body must carry it.
     pub clamp_output: Option<u64>,
     pub headers: RateHeaders,
+}
+
+/// Where an admission's charges are held, for its settlement.
+#[derive(Debug, Clone)]
+enum Hold {
+    /// Keys in Redis, and the leases this instance renews.
+    Redis(Arc<AdmissionKeys>),
+    /// Counters of this process.
+    Local(LocalHold),
+}
+
+/// Where the counters live.
+enum Backend {
+    /// Shared by every instance on that Redis.
+    Redis(LimiterRedis),
+    /// This process's memory: one instance alone (no `REDIS_URL`).
+    Local(Arc<LocalLimits>),
+    /// None: limits and budgets cannot be enforced (fail closed, or open for rate limits).
+    Unset,
+}
+
+/// One admission's inputs, the same whichever backend decides it (admit.lua's arguments).
+struct Ask {
+    now_ms: u64,
+    minute: u64,
+    /// Milliseconds elapsed in `minute`.
+    into_minute: u64,
+    /// The prompt bound, clamped to [`MAX_TOKENS`].
+    bound: u64,
+    /// The request's own output cap, clamped.
+    own_cap: Option<i64>,
+    /// The output cap asked for (-1: none).
+    requested: i64,
+    /// Output reserved against TPM when nothing caps it.
+    default_output: u64,
+    /// Fewer output tokens than this fitting in a budget is a refusal.
+    minimal: u64,
+    day: i64,
+    month: i64,
+    reserve: bool,
+}
+
+/// A backend's answer to an admission (admit.lua's reply, typed).
+enum Verdict {
+    /// Admitted with this output cap (-1: none); `used` holds requests and tokens per rate
+    /// scope (of `rates` scopes), for the headers.
+    Admitted {
+        cap: i64,
+        used: [i64; 4],
+        rates: usize,
+    },
+    /// A rate scope refused (`kind` 1 requests, 2 tokens, 3 concurrency).
+    Rate {
+        index: usize,
+        kind: i64,
+        current: i64,
+        previous: i64,
+    },
+    /// A budget scope's counters are missing.
+    Reseed(usize),
+    /// A budget is spent (`period` 1 day, 2 month, 3 total).
+    Budget {
+        index: usize,
+        period: i64,
+        limit: i64,
+    },
+    /// Only reservations of requests in flight fill the budget.
+    Busy(usize),
+}
+
+impl Verdict {
+    /// The script's reply, when it has one of the shapes admit.lua answers with.
+    fn from_reply(reply: &[i64]) -> Option<Verdict> {
+        let index = |i: &i64| usize::try_from(*i).unwrap_or(0);
+        Some(match reply {
+            [0, cap, used @ ..] if used.len() <= 4 => {
+                let mut all = [0; 4];
+                all[..used.len()].copy_from_slice(used);
+                Verdict::Admitted {
+                    cap: *cap,
+                    used: all,
+                    rates: used.len() / 2,
+                }
+            }
+            [1, scope, kind, current, previous] => Verdict::Rate {
+                index: index(scope),
+                kind: *kind,
+                current: *current,
+                previous: *previous,
+            },
+            [2, scope] => Verdict::Reseed(index(scope)),
+            [4, scope, _period] => Verdict::Busy(index(scope)),
+            [3, scope, period, _used, limit] => Verdict::Budget {
+                index: index(scope),
+                period: *period,
+                limit: *limit,
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// The limiter's ways to Redis: its script on connections of its own (the request path), and
@@ -177,7 +279,7 @@ impl LimiterRedis {
 }
 
 pub struct Limiter {
-    redis: Option<LimiterRedis>,
+    backend: Backend,
     /// Present with Redis: settlements wait there for the next admission's call.
     settlements: Option<Arc<SettleQueue>>,
     /// Random per process; with `admissions` it names each admission's leases uniquely
@@ -266,6 +368,7 @@ pub fn counts_tokens(p: &Principal) -> bool {
 }
 
 impl Limiter {
+    /// The limiter on Redis (`None`: no store, so limits and budgets cannot be enforced).
     pub fn new(
         redis: Option<LimiterRedis>,
         leases: Arc<LeaseBook>,
@@ -275,8 +378,30 @@ impl Limiter {
         let settlements = redis
             .as_ref()
             .map(|r| SettleQueue::new(r.scripts.clone(), config.settle_after, leases.clone()));
+        let backend = redis.map_or(Backend::Unset, Backend::Redis);
+        Self::with_backend(backend, settlements, leases, seeder, config)
+    }
+
+    /// The limiter on this process's counters, for a gateway running alone without Redis.
+    pub fn in_process(local: Arc<LocalLimits>, config: LimiterConfig) -> Self {
+        let leases = Arc::new(LeaseBook::default());
+        Self::with_backend(Backend::Local(local), None, leases, None, config)
+    }
+
+    /// Whether limits are kept in this process (no Redis).
+    pub fn is_in_process(&self) -> bool {
+        matches!(self.backend, Backend::Local(_))
+    }
+
+    fn with_backend(
+        backend: Backend,
+        settlements: Option<Arc<SettleQueue>>,
+        leases: Arc<LeaseBook>,
+        seeder: Option<Arc<Seeder>>,
+        config: LimiterConfig,
+    ) -> Self {
         Self {
-            redis,
+            backend,
             settlements,
             instance: format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0),
             admissions: std::sync::atomic::AtomicU64::new(0),
@@ -334,17 +459,20 @@ impl Limiter {
         if demand.prompt_bound == 0 && demand.output_cap == Some(0) {
             budgets.clear();
         }
+        if let Backend::Local(local) = &self.backend {
+            local.forget(&unbudgeted(p));
+        }
         if rates.is_empty() && budgets.is_empty() {
             return Ok(None);
         }
-        let Some(redis) = &self.redis else {
+        if matches!(self.backend, Backend::Unset) {
             return self.unavailable(!budgets.is_empty(), "REDIS_URL is not set");
-        };
+        }
         // Each missing budget scope may need a seed; requests in flight may briefly hold a
         // budget's room (their settlement is under way): a few quick retries, then an answer.
         let mut busy_waits = BUSY_RETRIES.iter().filter(|_| self.retry_busy);
         for _ in 0..=budgets.len() + BUSY_RETRIES.len() {
-            let reply = match self.try_admit(redis, &rates, &budgets, demand).await {
+            let reply = match self.try_admit(&rates, &budgets, demand).await {
                 // Boxed, as a rare path: its future would enlarge every admission's.
                 Err(Reply::Reseed(index)) => Box::pin(self.reseed(&budgets, index)).await,
                 Err(Reply::Busy(index)) => match busy_waits.next() {
@@ -372,7 +500,21 @@ impl Limiter {
         budgets: &[BudgetScope<'_>],
         index: usize,
     ) -> Result<Option<Admission>, Reply> {
-        let (Some(seeder), Some(b)) = (self.seeder.as_ref(), budgets.get(index)) else {
+        let Some(b) = budgets.get(index) else {
+            return Err(Reply::Reseed(index));
+        };
+        if let Backend::Local(local) = &self.backend {
+            return match local.seed(&b.target(&self.ns), b.name).await {
+                Ok(()) => Err(Reply::Seeded),
+                Err(seed::SeedError::PipelineBusy) => Err(Reply::Reseed(index)),
+                Err(e) => {
+                    self.warning
+                        .warn(|| tracing::warn!(error = %e, "budget counters could not be read"));
+                    Err(Reply::Error(true))
+                }
+            };
+        }
+        let Some(seeder) = self.seeder.as_ref() else {
             return Err(Reply::Reseed(index));
         };
         match seeder
@@ -387,56 +529,88 @@ impl Limiter {
 
     async fn try_admit(
         &self,
-        redis: &LimiterRedis,
         rates: &[RateScope<'_>],
         budgets: &[BudgetScope<'_>],
         demand: &Demand,
     ) -> Result<Option<Admission>, Reply> {
+        let ask = self.ask(demand, !budgets.is_empty());
+        match &self.backend {
+            Backend::Redis(redis) => {
+                self.try_admit_redis(redis, &ask, rates, budgets, demand)
+                    .await
+            }
+            Backend::Local(local) => {
+                let (verdict, hold) = local.admit(&ask, rates, budgets);
+                self.conclude(&ask, verdict, rates, budgets, demand, || {
+                    Hold::Local(hold.unwrap_or_default())
+                })
+            }
+            Backend::Unset => Err(Reply::Error(!budgets.is_empty())),
+        }
+    }
+
+    /// The admission's inputs at this moment.
+    fn ask(&self, demand: &Demand, budgeted: bool) -> Ask {
         let now_ms = now_ms();
-        let minute = now_ms / 60_000;
-        let into_minute = now_ms % 60_000;
-        let frac = into_minute as f64 / 60_000.0;
+        let reserve = self.mode == BudgetMode::Reserve;
+        let own_cap = demand.output_cap.map(|c| c.min(MAX_TOKENS) as i64);
+        // A budgeted request without a cap gets the default one rather than all that is left.
+        let requested = match own_cap {
+            Some(c) => c,
+            None if reserve && budgeted => self.budget_default_output.min(MAX_TOKENS) as i64,
+            None => -1,
+        };
+        Ask {
+            now_ms,
+            minute: now_ms / 60_000,
+            into_minute: now_ms % 60_000,
+            // Bounded so integer arithmetic stays exact whatever a client asks for.
+            bound: demand.prompt_bound.min(MAX_TOKENS),
+            own_cap,
+            requested,
+            default_output: self.default_output.min(MAX_TOKENS),
+            minimal: if requested == 0 { 0 } else { self.min_output },
+            day: demand.periods.day_number(),
+            month: demand.periods.month_number(),
+            reserve,
+        }
+    }
+
+    async fn try_admit_redis(
+        &self,
+        redis: &LimiterRedis,
+        ask: &Ask,
+        rates: &[RateScope<'_>],
+        budgets: &[BudgetScope<'_>],
+        demand: &Demand,
+    ) -> Result<Option<Admission>, Reply> {
         // Unique per admission (not the request id: a client may reuse one for concurrent
         // requests) and short: Redis stores it in up to four sets and hashes per request.
         let n = self
             .admissions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let member = format!("{}:{n:x}", self.instance);
-        let (day, month) = (demand.periods.day_number(), demand.periods.month_number());
-        // Bounded so Redis integer arithmetic stays exact whatever a client asks for.
-        let bound = demand.prompt_bound.min(MAX_TOKENS);
-        let reserve = self.mode == BudgetMode::Reserve;
-        let own_cap = demand.output_cap.map(|c| c.min(MAX_TOKENS) as i64);
-        // A budgeted request without a cap gets the default one rather than all that is left.
-        let requested = match own_cap {
-            Some(c) => c,
-            None if reserve && !budgets.is_empty() => {
-                self.budget_default_output.min(MAX_TOKENS) as i64
-            }
-            None => -1,
-        };
-        let minimal = if requested == 0 { 0 } else { self.min_output };
         // A principal has a key scope and a tenant scope; the key layout holds no more.
         debug_assert!(rates.len() <= 2 && budgets.len() <= 2);
         let names = KeyNames::admission(
             &self.ns,
             rates.iter().map(|s| s.name),
             budgets.iter().map(|b| b.name),
-            minute,
+            ask.minute,
         );
         // Numbers go to Redis without a string each (`Arg::Int`).
         let mut args = vec![
-            Arg::Int(now_ms as i64),
-            Arg::Int(into_minute as i64),
-            Arg::Int(bound as i64),
-            Arg::Int(requested),
-            Arg::Int(self.default_output.min(MAX_TOKENS) as i64),
-            Arg::Int(minimal as i64),
+            Arg::Int(ask.now_ms as i64),
+            Arg::Int(ask.into_minute as i64),
+            Arg::Int(ask.bound as i64),
+            Arg::Int(ask.requested),
+            Arg::Int(ask.default_output as i64),
+            Arg::Int(ask.minimal as i64),
             Arg::Str(&member),
-            Arg::Int((now_ms + LEASE_TTL.as_millis() as u64) as i64),
-            Arg::Int(day),
-            Arg::Int(month),
-            Arg::Int(i64::from(reserve)),
+            Arg::Int((ask.now_ms + LEASE_TTL.as_millis() as u64) as i64),
+            Arg::Int(ask.day),
+            Arg::Int(ask.month),
+            Arg::Int(i64::from(ask.reserve)),
             Arg::Int(rates.len() as i64),
         ];
         for s in rates {
@@ -501,56 +675,86 @@ impl Limiter {
                 return Err(Reply::Error(!budgets.is_empty()));
             }
         };
-        let reset_secs = 60 - (now_ms % 60_000) / 1000;
-        match reply.as_slice() {
-            [0, cap, used @ ..] => {
-                let reservation = bound
-                    + if *cap >= 0 {
-                        *cap as u64
-                    } else {
-                        self.default_output.min(MAX_TOKENS)
-                    };
+        let Some(verdict) = Verdict::from_reply(&reply) else {
+            return Err(Reply::Error(!budgets.is_empty()));
+        };
+        self.conclude(ask, verdict, rates, budgets, demand, || {
+            let renewed = renewed_sets(&names, rates, ask.reserve);
+            let keys = Arc::new(AdmissionKeys {
+                names,
+                member,
+                id: n,
+                renewed,
+            });
+            if !renewed.is_empty() {
+                self.leases.hold(&keys);
+            }
+            Hold::Redis(keys)
+        })
+    }
+
+    /// The admission a verdict grants (`hold` says where its charges are), or its refusal.
+    fn conclude(
+        &self,
+        ask: &Ask,
+        verdict: Verdict,
+        rates: &[RateScope<'_>],
+        budgets: &[BudgetScope<'_>],
+        demand: &Demand,
+        hold: impl FnOnce() -> Hold,
+    ) -> Result<Option<Admission>, Reply> {
+        let refusal = match verdict {
+            Verdict::Admitted {
+                cap,
+                used,
+                rates: n,
+            } => {
+                let output = if cap >= 0 {
+                    cap as u64
+                } else {
+                    ask.default_output
+                };
                 // The body must carry the cap when the request had none, or a smaller one.
-                let clamp_output = (!budgets.is_empty() && reserve && *cap >= 0)
-                    .then_some(*cap as u64)
-                    .filter(|c| own_cap.is_none_or(|own| (*c as i64) < own));
-                let renewed = renewed_sets(&names, rates, reserve);
-                let keys = Arc::new(AdmissionKeys {
-                    names,
-                    member,
-                    id: n,
-                    renewed,
-                });
-                if !renewed.is_empty() {
-                    self.leases.hold(&keys);
-                }
-                Ok(Some(Admission {
-                    keys,
-                    reserved: reservation,
-                    day,
-                    month,
+                let clamp_output = (!budgets.is_empty() && ask.reserve && cap >= 0)
+                    .then_some(cap as u64)
+                    .filter(|c| ask.own_cap.is_none_or(|own| (*c as i64) < own));
+                let reset_secs = 60 - ask.into_minute / 1000;
+                return Ok(Some(Admission {
+                    hold: hold(),
+                    reserved: ask.bound + output,
+                    day: ask.day,
+                    month: ask.month,
                     event_id: demand.event_id,
                     clamp_output,
-                    headers: headers(rates, used, reset_secs),
-                }))
+                    headers: headers(rates, &used[..n * 2], reset_secs),
+                }));
             }
-            [1, scope, kind, current, previous] => Err(Reply::Rate {
-                index: usize::try_from(*scope).unwrap_or(0),
-                kind: *kind,
-                current: *current,
-                previous: *previous,
-                frac,
-                reservation: bound,
-            }),
-            [2, scope] => Err(Reply::Reseed(usize::try_from(*scope).unwrap_or(0))),
-            [4, scope, _period] => Err(Reply::Busy(usize::try_from(*scope).unwrap_or(0))),
-            [3, scope, period, _used, limit] => Err(Reply::Budget {
-                index: usize::try_from(*scope).unwrap_or(0),
-                period: *period,
-                limit: *limit,
-            }),
-            _ => Err(Reply::Error(!budgets.is_empty())),
-        }
+            Verdict::Rate {
+                index,
+                kind,
+                current,
+                previous,
+            } => Reply::Rate {
+                index,
+                kind,
+                current,
+                previous,
+                frac: ask.into_minute as f64 / 60_000.0,
+                reservation: ask.bound,
+            },
+            Verdict::Reseed(index) => Reply::Reseed(index),
+            Verdict::Budget {
+                index,
+                period,
+                limit,
+            } => Reply::Budget {
+                index,
+                period,
+                limit,
+            },
+            Verdict::Busy(index) => Reply::Busy(index),
+        };
+        Err(refusal)
     }
 
     fn refusal(
@@ -687,19 +891,34 @@ impl Limiter {
     /// flusher's ([`settlement`]). The lease, and so the reservation, is renewed until Redis
     /// has the settlement.
     pub fn settle(&self, admission: Admission, actual: u64) {
+        let actual = actual.min(MAX_TOKENS);
+        let keys = match (admission.hold, &self.backend) {
+            (Hold::Local(hold), Backend::Local(local)) => {
+                local.settle(
+                    &hold,
+                    admission.reserved,
+                    actual,
+                    admission.day,
+                    admission.month,
+                );
+                return;
+            }
+            (Hold::Local(_), _) => return,
+            (Hold::Redis(keys), _) => keys,
+        };
         let Some(queue) = &self.settlements else {
-            self.leases.release(admission.keys.id);
+            self.leases.release(keys.id);
             return;
         };
         let charge = Charge {
             reserved: admission.reserved,
-            actual: actual.min(MAX_TOKENS),
+            actual,
             day: admission.day,
             month: admission.month,
             event_id: admission.event_id,
             now_ms: now_ms(),
         };
-        queue.push(Settlement::new(admission.keys, charge));
+        queue.push(Settlement::new(keys, charge));
     }
 
     /// Settlements not yet in Redis: shutdown sends them before it closes the connection.
@@ -746,6 +965,18 @@ fn renewed_sets(names: &KeyNames, rates: &[RateScope<'_>], reserve: bool) -> Key
         }
     }
     set
+}
+
+/// The scopes of `p` without any budget (whose in-process counters are dropped).
+fn unbudgeted(p: &Principal) -> Vec<ScopeName> {
+    [
+        ("k", p.key_id, &p.key_limits),
+        ("t", p.tenant_id, &p.tenant_limits),
+    ]
+    .into_iter()
+    .filter(|(_, _, l)| !has_budget(l))
+    .map(|(tag, id, _)| ScopeName { tag, id })
+    .collect()
 }
 
 fn now_ms() -> u64 {

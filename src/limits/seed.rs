@@ -56,7 +56,7 @@ pub enum SeedOutcome {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SeedError {
+pub enum SeedError {
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
     #[error("postgres: {0}")]
@@ -171,7 +171,7 @@ impl Seeder {
         if ready_at > now {
             tokio::time::sleep(Duration::from_millis(ready_at - now)).await;
         }
-        self.wait_for_pipeline().await?;
+        wait_for_pipeline(&self.pipeline, PIPELINE_WAIT).await?;
         let periods = Periods::at(clock::now());
         let snap = self.snapshot(target, &periods).await?;
         if snap.marker.is_none() {
@@ -190,19 +190,6 @@ impl Seeder {
         Ok(())
     }
 
-    /// Waits until every event this instance had queued when the wait began is in Postgres.
-    async fn wait_for_pipeline(&self) -> Result<(), SeedError> {
-        let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
-        let mark = self.pipeline.mark();
-        while !self.pipeline.has_written(mark) {
-            if tokio::time::Instant::now() > deadline {
-                return Err(SeedError::PipelineBusy);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-
     async fn snapshot(
         &self,
         target: &SeedTarget,
@@ -214,34 +201,15 @@ impl Seeder {
             .filter_map(|f| f.strip_prefix("late:"))
             .filter_map(|id| id.parse().ok())
             .collect();
-        // One statement, one snapshot: the usage and the events it contains agree.
-        let row = sqlx::query(
-            "SELECT \
-               EXISTS (SELECT 1 FROM budget_usage WHERE scope = $1 AND tenant_id = $2 AND key_id = $3) AS known, \
-               COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
-                 AND tenant_id = $2 AND key_id = $3 AND period = 'day' AND period_start = $4), 0) AS day, \
-               COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
-                 AND tenant_id = $2 AND key_id = $3 AND period = 'month' AND period_start = $5), 0) AS month, \
-               COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
-                 AND tenant_id = $2 AND key_id = $3 AND period = 'total'), 0) AS total, \
-               ARRAY(SELECT event_id::text FROM usage_events_applied WHERE event_id = ANY($6)) AS applied",
-        )
-        .bind(target.scope.as_str())
-        .bind(target.tenant_id)
-        .bind(target.key_id)
-        .bind(periods.day)
-        .bind(periods.month_start())
-        .bind(&late)
-        .fetch_one(self.store.pool().await)
-        .await?;
+        let usage = postgres_usage(&self.store, target, periods, &late).await?;
         Ok(Snapshot {
             marker: fields.get("seeding").cloned(),
             late,
-            known_to_postgres: row.try_get("known")?,
-            day: row.try_get("day")?,
-            month: row.try_get("month")?,
-            total: row.try_get("total")?,
-            applied: row.try_get("applied")?,
+            known_to_postgres: usage.known,
+            day: usage.day,
+            month: usage.month,
+            total: usage.total,
+            applied: usage.applied,
         })
     }
 
@@ -274,4 +242,65 @@ impl Seeder {
         self.warning
             .warn(|| tracing::warn!(error = %e, "budget counters could not be re-seeded yet"));
     }
+}
+
+/// Waits, at most `limit`, until every event this instance had queued when the wait began is in
+/// Postgres.
+pub async fn wait_for_pipeline(pipeline: &Pipeline, limit: Duration) -> Result<(), SeedError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mark = pipeline.mark();
+    while !pipeline.has_written(mark) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(SeedError::PipelineBusy);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A scope's durable usage in `budget_usage` for the periods of `periods`.
+pub struct PostgresUsage {
+    /// Postgres has counted this scope before.
+    pub known: bool,
+    pub day: i64,
+    pub month: i64,
+    pub total: i64,
+    /// Which of the `late` events asked about that usage already contains.
+    pub applied: Vec<String>,
+}
+
+/// Reads a scope's usage, and which of `late` it contains, in one statement (one snapshot, so
+/// the two agree).
+pub async fn postgres_usage(
+    store: &Store,
+    target: &SeedTarget,
+    periods: &Periods,
+    late: &[uuid::Uuid],
+) -> Result<PostgresUsage, SeedError> {
+    let row = sqlx::query(
+        "SELECT \
+           EXISTS (SELECT 1 FROM budget_usage WHERE scope = $1 AND tenant_id = $2 AND key_id = $3) AS known, \
+           COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
+             AND tenant_id = $2 AND key_id = $3 AND period = 'day' AND period_start = $4), 0) AS day, \
+           COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
+             AND tenant_id = $2 AND key_id = $3 AND period = 'month' AND period_start = $5), 0) AS month, \
+           COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
+             AND tenant_id = $2 AND key_id = $3 AND period = 'total'), 0) AS total, \
+           ARRAY(SELECT event_id::text FROM usage_events_applied WHERE event_id = ANY($6)) AS applied",
+    )
+    .bind(target.scope.as_str())
+    .bind(target.tenant_id)
+    .bind(target.key_id)
+    .bind(periods.day)
+    .bind(periods.month_start())
+    .bind(late)
+    .fetch_one(store.pool().await)
+    .await?;
+    Ok(PostgresUsage {
+        known: row.try_get("known")?,
+        day: row.try_get("day")?,
+        month: row.try_get("month")?,
+        total: row.try_get("total")?,
+        applied: row.try_get("applied")?,
+    })
 }
