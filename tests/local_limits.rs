@@ -16,6 +16,8 @@ use common::{ClockFile, Gateway, Sim, UPSTREAM_TOKEN, fresh_database, sql_scalar
 const CHAT: &str =
     r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hello world"}]}"#;
 const PROMPT_TOKENS: i64 = 3;
+/// Admin changes reach the gateway's key cache within a second.
+const CHANGE_FEED: Duration = Duration::from_millis(1500);
 
 /// A database, a simulator and a budget clock, and no Redis at all.
 struct Alone {
@@ -181,6 +183,24 @@ fn a_budget_comes_from_postgres_and_stays_spent_across_a_restart() {
     assert_eq!(used, 5 * (PROMPT_TOKENS + 40));
     let r = chunks(&g.addr, &key, 1);
     assert_eq!(r.status, 429, "still spent after a restart: {}", r.text());
+
+    // Without a budget the key is served, and its usage still counts: a budget set again
+    // starts from what Postgres has (215 + 43), not from the counters it had before.
+    g.cli(&["set-budget", "--prefix", &prefix, "--clear"]);
+    std::thread::sleep(CHANGE_FEED);
+    let r = chunks(&g.addr, &key, 40);
+    assert_eq!(r.status, 200, "no budget: {}", r.text());
+    settle();
+    g.cli(&["set-budget", "--prefix", &prefix, "--daily", "400"]);
+    std::thread::sleep(CHANGE_FEED);
+    let r = chunks(&g.addr, &key, 60);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["eval_count"],
+        400 - 6 * (PROMPT_TOKENS + 40) - 88,
+        "{}",
+        r.text()
+    );
 
     // Next UTC day: the budget is back.
     let midnight = (Utc::now().date_naive() + chrono::Days::new(1))

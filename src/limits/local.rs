@@ -10,9 +10,15 @@
 //! Budget counters of a scope are read from Postgres' `budget_usage` on the scope's first
 //! budgeted request, once every event this instance had handed to its audit pipeline is in
 //! Postgres ([`super::seed::postgres_usage`]); from then on every settlement adds to them here.
+//! Usage settled while a seed is under way is kept aside as late (like the script's `late:`
+//! fields) and added unless Postgres already has it. A scope whose budgets are removed keeps its
+//! counters, marked stale: requests in flight still give their reservations back to them, and a
+//! budget set again later re-reads the usage from Postgres, which kept counting meanwhile.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use super::keys::ScopeName;
 use super::seed::{self, SeedError, SeedTarget};
@@ -21,9 +27,11 @@ use crate::audit::Pipeline;
 use crate::clock::{self, Periods};
 use crate::store::Store;
 
-/// How long a scope's first budgeted request waits for the audit pipeline (one flush window,
-/// normally) before it gets 503 and the client retries.
-const SEED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a scope's first budgeted request waits for its counters (the audit pipeline is
+/// normally written within one flush window) before it gets 503 and the client retries.
+const SEED_WAIT: Duration = Duration::from_secs(2);
+/// How often a request waiting for another request's seed looks again.
+const SEED_POLL: Duration = Duration::from_millis(20);
 
 /// Both minute buckets of one scope's windows, and its requests in flight.
 #[derive(Debug, Default)]
@@ -68,6 +76,11 @@ impl Window {
             None
         }
     }
+
+    /// Counts nothing any window could still see, and holds no slot.
+    fn idle(&self, minute: u64) -> bool {
+        self.active == 0 && self.minute + 1 < minute
+    }
 }
 
 /// One scope's budget counters (the Redis usage hash's fields).
@@ -82,46 +95,92 @@ pub struct Counters {
     pub used_total: i64,
     /// Tokens reserved by requests in flight.
     pub in_flight: i64,
-    /// Which seed made these counters: a reservation is only given back to the counters that
-    /// took it.
-    generation: u64,
+    /// The usage must be read from Postgres again before a budget is checked against it (never
+    /// read, or its budgets were removed meanwhile).
+    pub stale: bool,
+    /// A seed is reading Postgres: settlements go to `late`.
+    seeding: bool,
+    late: Vec<Late>,
+}
+
+impl Counters {
+    fn unread() -> Self {
+        Counters {
+            day: 0,
+            used_day: 0,
+            month: 0,
+            used_month: 0,
+            used_total: 0,
+            in_flight: 0,
+            stale: true,
+            seeding: false,
+            late: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, actual: i64, day: i64, month: i64) {
+        if self.day == day {
+            self.used_day += actual;
+        }
+        if self.month == month {
+            self.used_month += actual;
+        }
+        self.used_total += actual;
+    }
+}
+
+/// Usage settled while its scope's counters were being read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Late {
+    event_id: uuid::Uuid,
+    actual: i64,
+    day: i64,
+    month: i64,
 }
 
 #[derive(Default)]
 struct State {
     windows: HashMap<ScopeName, Window>,
     budgets: HashMap<ScopeName, Counters>,
-    generations: u64,
+    /// The minute idle windows were last dropped.
+    swept: u64,
 }
 
 /// What an admission charged here, for its settlement.
 #[derive(Debug, Clone, Default)]
 pub struct LocalHold {
-    minute: u64,
-    /// Rate scopes charged, and whether each holds a concurrency slot.
-    rates: [Option<(ScopeName, bool)>; 2],
-    /// Budget scopes charged, and the generation of the counters whose reservation it holds
-    /// (`None` in post mode, which reserves nothing).
-    budgets: [Option<(ScopeName, Option<u64>)>; 2],
+    /// Rate scopes charged: the minute whose token bucket took the reservation, and whether it
+    /// holds a concurrency slot.
+    rates: [Option<(ScopeName, u64, bool)>; 2],
+    /// Budget scopes charged, and whether the admission reserved its tokens there.
+    budgets: [Option<(ScopeName, bool)>; 2],
 }
 
 /// The in-process counters, and how to read a budget's usage from Postgres.
 pub struct LocalLimits {
     state: Mutex<State>,
-    store: std::sync::Arc<Store>,
-    pipeline: std::sync::Arc<Pipeline>,
-    /// One seed at a time: seeds are rare (a scope's first budgeted request) and each waits for
-    /// the audit pipeline anyway.
-    seeding: tokio::sync::Mutex<()>,
+    /// Some scope has budget counters (so an admission has stale ones to mark).
+    any_budgets: AtomicBool,
+    store: Arc<Store>,
+    pipeline: Arc<Pipeline>,
+}
+
+/// What a settlement corrects: the charge at admission and what the request used.
+pub(super) struct Used {
+    pub reserved: u64,
+    pub actual: u64,
+    pub day: i64,
+    pub month: i64,
+    pub event_id: uuid::Uuid,
 }
 
 impl LocalLimits {
-    pub fn new(store: std::sync::Arc<Store>, pipeline: std::sync::Arc<Pipeline>) -> Self {
+    pub fn new(store: Arc<Store>, pipeline: Arc<Pipeline>) -> Self {
         Self {
             state: Mutex::new(State::default()),
+            any_budgets: AtomicBool::new(false),
             store,
             pipeline,
-            seeding: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -137,10 +196,11 @@ impl LocalLimits {
         budgets: &[BudgetScope<'_>],
     ) -> (Verdict, Option<LocalHold>) {
         let mut state = self.state();
+        state.sweep(ask.minute);
         let mut cap = ask.requested;
         let mut in_flight_before = [0i64; 2];
         for (j, b) in budgets.iter().enumerate() {
-            let Some(c) = state.budgets.get_mut(&b.name) else {
+            let Some(c) = state.budgets.get_mut(&b.name).filter(|c| !c.stale) else {
                 return (Verdict::Reseed(j), None);
             };
             match check_budget(ask, b, c, &mut cap) {
@@ -155,19 +215,26 @@ impl LocalLimits {
         };
         let reservation = ask.bound as i64 + output;
         let mut used = [0i64; 4];
+        let mut minutes = [ask.minute; 2];
         for (i, s) in rates.iter().enumerate() {
             let w = state.windows.entry(s.name).or_default();
-            w.roll(ask.minute);
-            if let Some(refusal) = check_rate(ask, s, w, reservation, &mut used[i * 2..i * 2 + 2]) {
+            // Another thread may have read a later clock and moved the window on: this
+            // request then counts in that minute, from its start.
+            let minute = ask.minute.max(w.minute);
+            let frac = if minute == ask.minute {
+                ask.into_minute as f64 / 60_000.0
+            } else {
+                0.0
+            };
+            w.roll(minute);
+            minutes[i] = minute;
+            if let Some(refusal) = check_rate(s, w, frac, reservation, &mut used[i * 2..i * 2 + 2])
+            {
                 return (refusal.at(i), None);
             }
         }
         // Every check passed: charge them all.
-        let mut hold = LocalHold {
-            minute: ask.minute,
-            rates: [None; 2],
-            budgets: [None; 2],
-        };
+        let mut hold = LocalHold::default();
         for (i, s) in rates.iter().enumerate() {
             let w = state.windows.entry(s.name).or_default();
             w.requests.current += 1;
@@ -176,17 +243,15 @@ impl LocalLimits {
             if slot {
                 w.active += 1;
             }
-            hold.rates[i] = Some((s.name, slot));
+            hold.rates[i] = Some((s.name, minutes[i], slot));
         }
         for (j, b) in budgets.iter().enumerate() {
-            let Some(c) = state.budgets.get_mut(&b.name) else {
-                continue;
-            };
-            let generation = ask.reserve.then(|| {
+            if let Some(c) = state.budgets.get_mut(&b.name)
+                && ask.reserve
+            {
                 c.in_flight = in_flight_before[j] + reservation;
-                c.generation
-            });
-            hold.budgets[j] = Some((b.name, generation));
+            }
+            hold.budgets[j] = Some((b.name, ask.reserve));
         }
         let verdict = Verdict::Admitted {
             cap,
@@ -196,92 +261,150 @@ impl LocalLimits {
         (verdict, Some(hold))
     }
 
-    /// Corrects the token bucket charged to `actual` (from `reserved`), frees the concurrency
-    /// slot and the budget reservation, and counts `actual` against the budgets (settle.lua).
-    pub(super) fn settle(
-        &self,
-        hold: &LocalHold,
-        reserved: u64,
-        actual: u64,
-        day: i64,
-        month: i64,
-    ) {
-        let delta = actual as i64 - reserved as i64;
-        let minute = (super::now_ms() / 60_000).max(hold.minute);
+    /// Corrects the token bucket charged to the actual count, frees the concurrency slot and
+    /// the budget reservation, and counts the usage against the budgets (settle.lua).
+    pub(super) fn settle(&self, hold: &LocalHold, used: &Used) {
+        let delta = used.actual as i64 - used.reserved as i64;
         let mut state = self.state();
-        for (name, slot) in hold.rates.iter().flatten() {
+        for (name, minute, slot) in hold.rates.iter().flatten() {
             let Some(w) = state.windows.get_mut(name) else {
                 continue;
             };
-            w.roll(minute);
-            if let Some(bucket) = w.token_bucket(hold.minute) {
+            if let Some(bucket) = w.token_bucket(*minute) {
                 *bucket = (*bucket + delta).max(0);
             }
             if *slot {
                 w.active = (w.active - 1).max(0);
             }
         }
-        let actual = actual as i64;
-        for (name, generation) in hold.budgets.iter().flatten() {
-            // Counters seeded again since the admission (its budget was removed and set anew)
-            // never held this reservation; the usage counts all the same: it is not yet in
-            // Postgres, which the new counters were read from.
+        let actual = used.actual as i64;
+        for (name, reserved) in hold.budgets.iter().flatten() {
             let Some(c) = state.budgets.get_mut(name) else {
                 continue;
             };
-            if *generation == Some(c.generation) {
-                c.in_flight = (c.in_flight - reserved as i64).max(0);
+            if *reserved {
+                c.in_flight = (c.in_flight - used.reserved as i64).max(0);
             }
-            if c.day == day {
-                c.used_day += actual;
+            if c.seeding {
+                c.late.push(Late {
+                    event_id: used.event_id,
+                    actual,
+                    day: used.day,
+                    month: used.month,
+                });
+            } else {
+                c.add(actual, used.day, used.month);
             }
-            if c.month == month {
-                c.used_month += actual;
-            }
-            c.used_total += actual;
         }
+    }
+
+    /// Marks the counters of scopes that no longer have a budget stale: a budget set again
+    /// later starts from Postgres' usage, which kept counting meanwhile.
+    pub(super) fn forget(&self, scopes: &[Option<ScopeName>; 2]) {
+        if !self.any_budgets.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut state = self.state();
+        for s in scopes.iter().flatten() {
+            if let Some(c) = state.budgets.get_mut(s) {
+                c.stale = true;
+            }
+        }
+    }
+
+    /// Reads one scope's usage from Postgres, once every event this instance has queued is
+    /// there, into its counters; or waits for the request already doing so.
+    pub(super) async fn seed(&self, target: &SeedTarget, name: ScopeName) -> Result<(), SeedError> {
+        if !self.begin_seed(name) {
+            return self.await_seed(name).await;
+        }
+        let result = self.read_usage(target, name).await;
+        if result.is_err() {
+            // The next request tries again; late usage stays for that seed to check.
+            let mut state = self.state();
+            if let Some(c) = state.budgets.get_mut(&name) {
+                c.seeding = false;
+            }
+        }
+        result
+    }
+
+    /// True when this caller is to seed `name` (nobody else is, and its counters are stale).
+    fn begin_seed(&self, name: ScopeName) -> bool {
+        self.any_budgets.store(true, Ordering::Relaxed);
+        let mut state = self.state();
+        let c = state.budgets.entry(name).or_insert_with(Counters::unread);
+        if !c.stale || c.seeding {
+            return false;
+        }
+        c.seeding = true;
+        true
+    }
+
+    async fn await_seed(&self, name: ScopeName) -> Result<(), SeedError> {
+        let deadline = tokio::time::Instant::now() + SEED_WAIT;
+        loop {
+            if self.state().budgets.get(&name).is_some_and(|c| !c.seeding) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SeedError::PipelineBusy);
+            }
+            tokio::time::sleep(SEED_POLL).await;
+        }
+    }
+
+    async fn read_usage(&self, target: &SeedTarget, name: ScopeName) -> Result<(), SeedError> {
+        // Usage settled from here on is late; what was settled before is in the pipeline
+        // before this mark, and so in Postgres once the wait is over.
+        seed::wait_for_pipeline(&self.pipeline, SEED_WAIT).await?;
+        let periods = Periods::at(clock::now());
+        let asked: Vec<uuid::Uuid> = self
+            .state()
+            .budgets
+            .get(&name)
+            .map(|c| c.late.iter().map(|l| l.event_id).collect())
+            .unwrap_or_default();
+        let read = seed::postgres_usage(&self.store, target, &periods, &asked);
+        let usage = tokio::time::timeout(SEED_WAIT, read)
+            .await
+            .map_err(|_| SeedError::PipelineBusy)??;
+        let mut state = self.state();
+        let c = state.budgets.entry(name).or_insert_with(Counters::unread);
+        c.day = periods.day_number();
+        c.month = periods.month_number();
+        c.used_day = usage.day;
+        c.used_month = usage.month;
+        c.used_total = usage.total;
+        // Late usage Postgres did not have at the read is added; late usage settled after the
+        // read was not asked about and is added too: it may reach Postgres meanwhile and so
+        // count twice, an over-count (the safe side, as with the script's seed).
+        for late in std::mem::take(&mut c.late) {
+            let id = late.event_id.to_string();
+            if !usage.applied.contains(&id) {
+                c.add(late.actual, late.day, late.month);
+            }
+        }
+        c.stale = false;
+        c.seeding = false;
+        Ok(())
     }
 
     /// A scope's budget counters as they stand (for tests and diagnostics).
     pub fn counters(&self, scope: ScopeName) -> Option<Counters> {
         self.state().budgets.get(&scope).cloned()
     }
+}
 
-    /// Drops the counters of scopes that no longer have a budget, so that a budget set again
-    /// later starts from Postgres' usage, which kept counting meanwhile.
-    pub(super) fn forget(&self, scopes: &[ScopeName]) {
-        let mut state = self.state();
-        if state.budgets.is_empty() {
+impl State {
+    /// Once a minute, drops the windows that count nothing any more (their scopes are seen
+    /// again as new), so keys that come and go do not grow the table.
+    fn sweep(&mut self, minute: u64) {
+        if minute <= self.swept {
             return;
         }
-        for s in scopes {
-            state.budgets.remove(s);
-        }
-    }
-
-    /// Reads one scope's usage from Postgres, once every event this instance has queued is
-    /// there, and makes its counters (unless another request made them meanwhile).
-    pub(super) async fn seed(&self, target: &SeedTarget, name: ScopeName) -> Result<(), SeedError> {
-        let _one_at_a_time = self.seeding.lock().await;
-        if self.state().budgets.contains_key(&name) {
-            return Ok(());
-        }
-        seed::wait_for_pipeline(&self.pipeline, SEED_WAIT).await?;
-        let periods = Periods::at(clock::now());
-        let usage = seed::postgres_usage(&self.store, target, &periods, &[]).await?;
-        let mut state = self.state();
-        state.generations += 1;
-        let generation = state.generations;
-        state.budgets.entry(name).or_insert(Counters {
-            day: periods.day_number(),
-            used_day: usage.day,
-            month: periods.month_number(),
-            used_month: usage.month,
-            used_total: usage.total,
-            in_flight: 0,
-            generation,
-        });
-        Ok(())
+        self.swept = minute;
+        self.windows.retain(|_, w| !w.idle(minute));
     }
 }
 
@@ -375,9 +498,9 @@ fn check_budget(
 /// One rate scope's checks against its sliding windows; fills `used` with the requests and
 /// tokens the window will hold with this request (for the `x-ratelimit-*` headers).
 fn check_rate(
-    ask: &Ask,
     s: &RateScope<'_>,
     w: &Window,
+    frac: f64,
     reservation: i64,
     used: &mut [i64],
 ) -> Option<Refusal> {
@@ -390,7 +513,6 @@ fn check_rate(
             previous: 0,
         });
     }
-    let frac = ask.into_minute as f64 / 60_000.0;
     let estimate = |b: Buckets| b.previous as f64 * (1.0 - frac) + b.current as f64;
     let (requests, tokens) = (estimate(w.requests), estimate(w.tokens));
     if s.limits.rpm.is_some_and(|rpm| requests + 1.0 > rpm as f64) {

@@ -894,13 +894,14 @@ impl Limiter {
         let actual = actual.min(MAX_TOKENS);
         let keys = match (admission.hold, &self.backend) {
             (Hold::Local(hold), Backend::Local(local)) => {
-                local.settle(
-                    &hold,
-                    admission.reserved,
+                let used = local::Used {
+                    reserved: admission.reserved,
                     actual,
-                    admission.day,
-                    admission.month,
-                );
+                    day: admission.day,
+                    month: admission.month,
+                    event_id: admission.event_id,
+                };
+                local.settle(&hold, &used);
                 return;
             }
             (Hold::Local(_), _) => return,
@@ -967,16 +968,13 @@ fn renewed_sets(names: &KeyNames, rates: &[RateScope<'_>], reserve: bool) -> Key
     set
 }
 
-/// The scopes of `p` without any budget (whose in-process counters are dropped).
-fn unbudgeted(p: &Principal) -> Vec<ScopeName> {
+/// The scopes of `p` without any budget (whose in-process counters go stale).
+fn unbudgeted(p: &Principal) -> [Option<ScopeName>; 2] {
+    let scope = |tag, id, l: &ScopeLimits| (!has_budget(l)).then_some(ScopeName { tag, id });
     [
-        ("k", p.key_id, &p.key_limits),
-        ("t", p.tenant_id, &p.tenant_limits),
+        scope("k", p.key_id, &p.key_limits),
+        scope("t", p.tenant_id, &p.tenant_limits),
     ]
-    .into_iter()
-    .filter(|(_, _, l)| !has_budget(l))
-    .map(|(tag, id, _)| ScopeName { tag, id })
-    .collect()
 }
 
 fn now_ms() -> u64 {
