@@ -178,9 +178,48 @@ impl JsonWalker {
                 rest = &rest[run..];
                 continue;
             }
+            if b == b'"' && !self.in_string && self.scalar == Scalar::None {
+                // Most strings (every key, and most values, of an Ollama line) end in the
+                // chunk they start in, without escapes: taken whole, with none of the
+                // byte-by-byte state a string split across chunks needs.
+                if let Some(end) = memchr::memchr2(b'"', b'\\', tail)
+                    && tail[end] == b'"'
+                {
+                    self.whole_string(&tail[..end], on_event);
+                    rest = &tail[end + 1..];
+                    continue;
+                }
+            }
             self.step(b, on_event);
             rest = tail;
         }
+    }
+
+    /// A string seen from its opening to its closing quote, with no escape in it: the same
+    /// effect as walking it byte by byte.
+    fn whole_string(&mut self, text: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
+        let Some(i) = self.tracked() else {
+            return;
+        };
+        if self.object[i] && self.expect_key[i] {
+            self.expect_key[i] = false;
+            self.path[i] = if text.len() > KEY_CAP {
+                Key::Other
+            } else {
+                Key::classify(text)
+            };
+            return;
+        }
+        let kept = if self.path[i] == Key::Type {
+            text.len().min(STR_CAP)
+        } else {
+            0
+        };
+        on_event(Event::Str {
+            path: &self.path[..=i],
+            len: text.len(),
+            prefix: &text[..kept],
+        });
     }
 
     fn step(&mut self, b: u8, on_event: &mut impl FnMut(Event<'_>)) {
