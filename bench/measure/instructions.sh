@@ -8,6 +8,8 @@
 #   KEEP_DIR  keeps the two runs' callgrind profiles there (LABEL-10s.out, LABEL-30s.out), for
 #             `callgrind_annotate`
 # Needs valgrind, the stores of bench/measure/stores.sh and target/release/nz-bench.
+# COMPARE_ARGS (optional) is appended to the `nz-bench compare` command line, e.g.
+#   COMPARE_ARGS="--gateway-env REDIS_URL=" for the gateway's in-process limits.
 # Runs the chat-stream scenario at 20 req/s (the proxy runs ~50x slower under callgrind) twice,
 # 10 s and 30 s after the same warm-up; the difference between the two runs is 400 requests'
 # worth, so start-up and warm-up cancel out. Time-driven background work (timers, the change
@@ -39,7 +41,7 @@ for seconds in 10 30; do
     chmod +x "$wrap/$exe"
     target/release/nz-bench compare --bin-dir "$wrap" --env-file target/nz-stores/env \
         --scenario bench/scenarios/chat-stream.yaml --targets "$target" --rate 20 \
-        --warmup 5s --duration "${seconds}s" --quiet > "$work/run-$seconds.log" 2>&1
+        --warmup 5s --duration "${seconds}s" --quiet ${COMPARE_ARGS:-} > "$work/run-$seconds.log" 2>&1
 done
 python3 - "$label" "$work" "$keep" <<'PY'
 import glob, os, re, shutil, subprocess, sys
