@@ -1,9 +1,15 @@
 //! Argon2id hashing of API keys, run on a bounded blocking pool, never on a proxy worker.
+//!
+//! A verification needs `ARGON2_MEMORY_KIB` of working memory (19 MiB by default). Allocated
+//! per call, glibc keeps each freed block for reuse in the arena of the blocking thread that
+//! used it, so the resident size grew by that much for every thread a verification had run on
+//! (BENCHMARKS.md, round 6). Verifications therefore run in memory taken from a small pool, at
+//! most one block set per concurrent verification (`ARGON2_MAX_CONCURRENCY`), zeroed after use.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use argon2::password_hash::phc::PasswordHash;
-use argon2::{Algorithm, Argon2, Params, PasswordHasher, PasswordVerifier, Version};
+use argon2::password_hash::phc::{Output, PasswordHash};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHasher, Version};
 use tokio::sync::Semaphore;
 
 use crate::settings::Argon2Settings;
@@ -33,6 +39,8 @@ pub struct KeyHasher {
     /// against it so they cost the same Argon2 work as known ones (no timing oracle).
     dummy_hash: String,
     slots: Arc<Semaphore>,
+    /// Working memory of finished verifications, for the next ones.
+    memory: Arc<Mutex<Vec<Vec<Block>>>>,
 }
 
 impl KeyHasher {
@@ -46,6 +54,7 @@ impl KeyHasher {
             params,
             dummy_hash,
             slots: Arc::new(Semaphore::new(cfg.max_concurrency)),
+            memory: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -58,15 +67,23 @@ impl KeyHasher {
     /// then always fails) on the blocking pool.
     pub async fn verify(&self, key: String, stored: Option<String>) -> Result<Verified, HashError> {
         let dummy = self.dummy_hash.clone();
-        self.on_pool(move |params| match stored {
-            Some(hash) => verify_with(params, &key, &hash),
-            None => {
-                let _ = verify_with(params, &key, &dummy);
-                Verified {
-                    ok: false,
-                    needs_rehash: false,
+        let pool = self.memory.clone();
+        self.on_pool(move |params| {
+            let mut memory = take_memory(&pool);
+            let verified = match stored {
+                Some(hash) => verify_with(params, &key, &hash, &mut memory),
+                None => {
+                    let _ = verify_with(params, &key, &dummy, &mut memory);
+                    Verified {
+                        ok: false,
+                        needs_rehash: false,
+                    }
                 }
-            }
+            };
+            // The blocks hold material derived from the key.
+            memory.fill(Block::new());
+            put_memory(&pool, memory);
+            verified
         })
         .await
     }
@@ -108,7 +125,20 @@ fn hash_with(params: &Params, key: &str) -> Result<String, HashError> {
         .map_err(|_| HashError::Hash)
 }
 
-fn verify_with(params: &Params, key: &str, stored: &str) -> Verified {
+fn take_memory(pool: &Mutex<Vec<Vec<Block>>>) -> Vec<Block> {
+    pool.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop()
+        .unwrap_or_default()
+}
+
+fn put_memory(pool: &Mutex<Vec<Vec<Block>>>, memory: Vec<Block>) {
+    pool.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(memory);
+}
+
+fn verify_with(params: &Params, key: &str, stored: &str, memory: &mut Vec<Block>) -> Verified {
     let Ok(parsed) = PasswordHash::new(stored) else {
         return Verified {
             ok: false,
@@ -117,11 +147,45 @@ fn verify_with(params: &Params, key: &str, stored: &str) -> Verified {
     };
     // Verify with the parameters recorded in the hash itself, then compare them to the
     // configured ones to decide whether to upgrade.
-    let ok = Argon2::default()
-        .verify_password(key.as_bytes(), &parsed)
-        .is_ok();
+    let ok = matches_hash(key.as_bytes(), &parsed, memory);
     let needs_rehash = ok && !same_params(params, &parsed);
     Verified { ok, needs_rehash }
+}
+
+/// What `PasswordVerifier::verify_password` does, in `memory` (grown to the hash's cost when
+/// it is smaller) instead of a fresh allocation: Argon2 writes every block before it reads it.
+fn matches_hash(key: &[u8], hash: &PasswordHash, memory: &mut Vec<Block>) -> bool {
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(hash.algorithm.as_str()) else {
+        return false;
+    };
+    let version = match hash.version.map(Version::try_from) {
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+        None => Version::default(),
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::new());
+    }
+    let mut buffer = [0u8; Output::MAX_LENGTH];
+    let Some(out) = buffer.get_mut(..expected.len()) else {
+        return false;
+    };
+    let argon = Argon2::new(algorithm, version, params);
+    if argon
+        .hash_password_into_with_memory(key, salt, out, &mut memory[..blocks])
+        .is_err()
+    {
+        return false;
+    }
+    // `Output`'s equality is constant-time.
+    Output::new(out).is_ok_and(|computed| computed == *expected)
 }
 
 fn same_params(configured: &Params, hash: &PasswordHash) -> bool {
@@ -177,6 +241,58 @@ mod tests {
             .await
             .unwrap();
         assert!(!v.ok);
+    }
+
+    #[test]
+    fn pooled_verification_agrees_with_the_crate() {
+        use argon2::PasswordVerifier;
+        for (m, t, p) in [(64, 1, 1), (128, 2, 2)] {
+            let params = Params::new(m, t, p, None).unwrap();
+            let stored = hash_with(&params, "nz_key_one").unwrap();
+            let parsed = PasswordHash::new(&stored).unwrap();
+            let mut memory = Vec::new();
+            for key in ["nz_key_one", "nz_key_two", ""] {
+                assert_eq!(
+                    matches_hash(key.as_bytes(), &parsed, &mut memory),
+                    Argon2::default()
+                        .verify_password(key.as_bytes(), &parsed)
+                        .is_ok(),
+                    "m={m} t={t} p={p} key={key:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn verifications_reuse_zeroed_memory_from_a_bounded_pool() {
+        let h = KeyHasher::new(&cfg(64, 1)).unwrap();
+        let small = h.hash_blocking("nz_secret").unwrap();
+        let large = KeyHasher::new(&cfg(256, 1))
+            .unwrap()
+            .hash_blocking("nz_secret")
+            .unwrap();
+        for _ in 0..4 {
+            let v = h.verify("nz_secret".into(), Some(small.clone())).await;
+            assert!(v.unwrap().ok);
+            // A hash with more memory than the pooled blocks grows them.
+            let v = h.verify("nz_secret".into(), Some(large.clone())).await;
+            assert!(v.unwrap().ok);
+            let v = h.verify("nz_wrong".into(), Some(large.clone())).await;
+            assert!(!v.unwrap().ok);
+        }
+        let pool = h.memory.lock().unwrap();
+        assert_eq!(
+            pool.len(),
+            1,
+            "one verification at a time used one block set"
+        );
+        assert!(pool.iter().all(|m| m.len() == 256));
+        assert!(
+            pool.iter()
+                .flatten()
+                .all(|b| AsRef::<[u64]>::as_ref(b).iter().all(|w| *w == 0)),
+            "the blocks are zeroed after use"
+        );
     }
 
     #[tokio::test]
