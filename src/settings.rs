@@ -56,6 +56,9 @@ const KNOWN: &[&str] = &[
     "LOG_FORMAT",
 ];
 
+/// The most Argon2 memory a hash may ask for (4 GiB), configured or stored.
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 4 << 20;
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting {name}: {reason}")]
 pub struct SettingsError {
@@ -223,7 +226,7 @@ impl Settings {
             redis_timeout: Duration::from_millis(r.number("REDIS_TIMEOUT_MS", 250, 10, 60_000)?),
             redis_key_prefix: r.key_prefix("REDIS_KEY_PREFIX", "nz")?,
             argon2: Argon2Settings {
-                memory_kib: r.number("ARGON2_MEMORY_KIB", 19_456, 8, 4 << 20)?,
+                memory_kib: r.number("ARGON2_MEMORY_KIB", 19_456, 8, MAX_ARGON2_MEMORY_KIB)?,
                 iterations: r.number("ARGON2_ITERATIONS", 2, 1, 100)?,
                 parallelism: r.number("ARGON2_PARALLELISM", 1, 1, 64)?,
                 max_concurrency: r.number(

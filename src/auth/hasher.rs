@@ -12,7 +12,7 @@ use argon2::password_hash::phc::{Output, PasswordHash};
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHasher, Version};
 use tokio::sync::Semaphore;
 
-use crate::settings::Argon2Settings;
+use crate::settings::{Argon2Settings, MAX_ARGON2_MEMORY_KIB};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
@@ -40,7 +40,48 @@ pub struct KeyHasher {
     dummy_hash: String,
     slots: Arc<Semaphore>,
     /// Working memory of finished verifications, for the next ones.
-    memory: Arc<Mutex<Vec<Vec<Block>>>>,
+    memory: Arc<MemoryPool>,
+}
+
+/// Block sets of the configured size, zeroed, one per verification that ran at once.
+struct MemoryPool {
+    sets: Mutex<Vec<Vec<Block>>>,
+    /// The configured block count: a set grown beyond it (a stored hash with more memory than
+    /// the settings) is dropped after use, not kept.
+    keep: usize,
+}
+
+impl MemoryPool {
+    fn take(&self) -> WorkingMemory<'_> {
+        let blocks = self
+            .sets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        WorkingMemory { pool: self, blocks }
+    }
+}
+
+/// One verification's blocks: zeroed and given back to the pool when dropped, on every path
+/// (a panic included), since they hold material derived from the key.
+struct WorkingMemory<'a> {
+    pool: &'a MemoryPool,
+    blocks: Vec<Block>,
+}
+
+impl Drop for WorkingMemory<'_> {
+    fn drop(&mut self) {
+        self.blocks.fill(Block::new());
+        if self.blocks.len() <= self.pool.keep {
+            let blocks = std::mem::take(&mut self.blocks);
+            self.pool
+                .sets
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(blocks);
+        }
+    }
 }
 
 impl KeyHasher {
@@ -50,11 +91,15 @@ impl KeyHasher {
         let mut seed = [0u8; 24];
         getrandom::fill(&mut seed).map_err(|_| HashError::Hash)?;
         let dummy_hash = hash_with(&params, &hex::encode(seed))?;
+        let memory = Arc::new(MemoryPool {
+            sets: Mutex::new(Vec::new()),
+            keep: params.block_count(),
+        });
         Ok(Self {
             params,
             dummy_hash,
             slots: Arc::new(Semaphore::new(cfg.max_concurrency)),
-            memory: Arc::new(Mutex::new(Vec::new())),
+            memory,
         })
     }
 
@@ -69,21 +114,17 @@ impl KeyHasher {
         let dummy = self.dummy_hash.clone();
         let pool = self.memory.clone();
         self.on_pool(move |params| {
-            let mut memory = take_memory(&pool);
-            let verified = match stored {
-                Some(hash) => verify_with(params, &key, &hash, &mut memory),
+            let mut memory = pool.take();
+            match stored {
+                Some(hash) => verify_with(params, &key, &hash, &mut memory.blocks),
                 None => {
-                    let _ = verify_with(params, &key, &dummy, &mut memory);
+                    let _ = verify_with(params, &key, &dummy, &mut memory.blocks);
                     Verified {
                         ok: false,
                         needs_rehash: false,
                     }
                 }
-            };
-            // The blocks hold material derived from the key.
-            memory.fill(Block::new());
-            put_memory(&pool, memory);
-            verified
+            }
         })
         .await
     }
@@ -125,19 +166,6 @@ fn hash_with(params: &Params, key: &str) -> Result<String, HashError> {
         .map_err(|_| HashError::Hash)
 }
 
-fn take_memory(pool: &Mutex<Vec<Vec<Block>>>) -> Vec<Block> {
-    pool.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .pop()
-        .unwrap_or_default()
-}
-
-fn put_memory(pool: &Mutex<Vec<Vec<Block>>>, memory: Vec<Block>) {
-    pool.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(memory);
-}
-
 fn verify_with(params: &Params, key: &str, stored: &str, memory: &mut Vec<Block>) -> Verified {
     let Ok(parsed) = PasswordHash::new(stored) else {
         return Verified {
@@ -169,8 +197,16 @@ fn matches_hash(key: &[u8], hash: &PasswordHash, memory: &mut Vec<Block>) -> boo
         Some(Err(_)) => return false,
         None => Version::default(),
     };
+    // A stored hash asking for more memory than any setting allows is refused, and memory
+    // that cannot be had fails this verification instead of aborting the process.
     let blocks = params.block_count();
+    if blocks > MAX_ARGON2_MEMORY_KIB as usize {
+        return false;
+    }
     if memory.len() < blocks {
+        if memory.try_reserve_exact(blocks - memory.len()).is_err() {
+            return false;
+        }
         memory.resize(blocks, Block::new());
     }
     let mut buffer = [0u8; Output::MAX_LENGTH];
@@ -274,19 +310,30 @@ mod tests {
         for _ in 0..4 {
             let v = h.verify("nz_secret".into(), Some(small.clone())).await;
             assert!(v.unwrap().ok);
-            // A hash with more memory than the pooled blocks grows them.
+            // A hash with more memory than the pooled blocks grows them, for that call.
             let v = h.verify("nz_secret".into(), Some(large.clone())).await;
             assert!(v.unwrap().ok);
             let v = h.verify("nz_wrong".into(), Some(large.clone())).await;
             assert!(!v.unwrap().ok);
         }
-        let pool = h.memory.lock().unwrap();
+        let v = h.verify("nz_secret".into(), Some(small.clone())).await;
+        assert!(v.unwrap().ok);
+        // A stored hash asking for more memory than any setting allows fails, without an
+        // attempt to allocate it.
+        let huge = small.replace("m=64,", "m=4294967295,");
+        assert_ne!(huge, small);
+        let v = h.verify("nz_secret".into(), Some(huge)).await;
+        assert!(!v.unwrap().ok);
+        let pool = h.memory.sets.lock().unwrap();
         assert_eq!(
             pool.len(),
             1,
             "one verification at a time used one block set"
         );
-        assert!(pool.iter().all(|m| m.len() == 256));
+        assert!(
+            pool.iter().all(|m| m.len() == 64),
+            "a set grown for a larger stored hash is not kept"
+        );
         assert!(
             pool.iter()
                 .flatten()
