@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -514,6 +514,38 @@ const RATE_HEADERS_TOKENS: [&str; 3] = [
     "x-ratelimit-reset-tokens",
 ];
 
+/// Writes the `x-ratelimit-*` headers. Their values are slices of one buffer instead of an
+/// allocation each (Pingora already allocates twice for every custom header name).
+fn rate_limit_headers(
+    resp: &mut ResponseHeader,
+    h: &crate::limits::RateHeaders,
+) -> pingora::Result<()> {
+    let mut buf = BytesMut::with_capacity(64);
+    let mut digits = itoa::Buffer::new();
+    let value = |buf: &mut BytesMut| {
+        http::HeaderValue::from_maybe_shared(buf.split().freeze()).map_err(|e| {
+            pingora::Error::because(ErrorType::InternalError, "rate-limit header value", e)
+        })
+    };
+    // Writing to a BytesMut cannot fail.
+    let _ = crate::limits::write_reset_value(&mut buf, h.reset_secs);
+    let reset = value(&mut buf)?;
+    for ([limit_name, remaining_name, reset_name], values) in [
+        (RATE_HEADERS_REQUESTS, h.requests),
+        (RATE_HEADERS_TOKENS, h.tokens),
+    ] {
+        let Some((limit, remaining)) = values else {
+            continue;
+        };
+        for (name, n) in [(limit_name, limit), (remaining_name, remaining)] {
+            buf.extend_from_slice(digits.format(n).as_bytes());
+            resp.insert_header(name, value(&mut buf)?)?;
+        }
+        resp.insert_header(reset_name, reset.clone())?;
+    }
+    Ok(())
+}
+
 fn limit_refusal(e: LimitError) -> GatewayError {
     match e {
         LimitError::Unavailable { budgets: false } => GatewayError::Unavailable("rate limiter"),
@@ -879,17 +911,7 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(a) = ctx.admission.as_ref() {
-            let reset = crate::limits::reset_value(a.headers.reset_secs);
-            for ([limit_name, remaining_name, reset_name], values) in [
-                (RATE_HEADERS_REQUESTS, a.headers.requests),
-                (RATE_HEADERS_TOKENS, a.headers.tokens),
-            ] {
-                if let Some((limit, remaining)) = values {
-                    upstream_response.insert_header(limit_name, limit)?;
-                    upstream_response.insert_header(remaining_name, remaining)?;
-                    upstream_response.insert_header(reset_name, reset.as_str())?;
-                }
-            }
+            rate_limit_headers(upstream_response, &a.headers)?;
         }
         // Only the gateway's CORS policy applies, never Ollama's own.
         let upstream_cors: Vec<http::HeaderName> = upstream_response

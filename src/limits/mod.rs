@@ -1035,10 +1035,18 @@ pub fn window_retry_after(
 
 /// `x-ratelimit-reset-*` values use OpenAI's duration style (`6m0s`, `12s`).
 pub fn reset_value(secs: u64) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_reset_value(&mut out, secs);
+    out
+}
+
+/// [`reset_value`] written to `out`.
+pub fn write_reset_value(out: &mut impl std::fmt::Write, secs: u64) -> std::fmt::Result {
     if secs >= 60 {
-        format!("{}m{}s", secs / 60, secs % 60)
+        write!(out, "{}m{}s", secs / 60, secs % 60)
     } else {
-        format!("{secs}s")
+        write!(out, "{secs}s")
     }
 }
 
