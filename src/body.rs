@@ -236,7 +236,7 @@ impl<'a> Members<'a> {
     }
 
     /// Parsed without the key checks: for a body the gateway itself wrote from checked ones.
-    fn unchecked(body: &'a [u8]) -> Result<Self, GatewayError> {
+    pub fn unchecked(body: &'a [u8]) -> Result<Self, GatewayError> {
         let list: MemberList = serde_json::from_slice(body).map_err(|_| {
             GatewayError::BadRequest("request body is not a valid JSON object".into())
         })?;
@@ -393,16 +393,6 @@ pub type Edits = Vec<(&'static str, Option<serde_json::Value>)>;
 /// Applies `edits` to a body the gateway has already checked (see [`Members::edited`]).
 pub fn apply_edits(body: &[u8], edits: &Edits) -> Result<Bytes, GatewayError> {
     Members::unchecked(body)?.edited(edits)
-}
-
-/// A top-level member of a checked body parsed as a JSON object (`None` when absent or `null`).
-pub fn object_member(
-    body: &[u8],
-    name: &str,
-) -> Result<Option<serde_json::Map<String, serde_json::Value>>, GatewayError> {
-    Members::unchecked(body)
-        .map_err(|_| GatewayError::BadRequest(format!("`{name}` must be an object")))?
-        .object(name)
 }
 
 /// The body with `stream_options.include_usage` set (the fuzz targets' entry point).

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::body::{self, Edits, Members};
+use crate::body::{Edits, Members};
 use crate::errors::GatewayError;
 use crate::principal::Principal;
 use crate::routes::RouteKind;
@@ -110,10 +110,14 @@ fn openai_cap(
 
 /// Writes a budget's output cap into the field Ollama reads for `route` (SPEC §6). Routes that
 /// generate nothing need no edit.
-pub fn output_cap_edit(route: RouteKind, raw: &[u8], cap: u64) -> Result<Edits, GatewayError> {
+pub fn output_cap_edit(
+    route: RouteKind,
+    members: &Members<'_>,
+    cap: u64,
+) -> Result<Edits, GatewayError> {
     let field = match route {
         RouteKind::ApiChat | RouteKind::ApiGenerate => {
-            let mut options = body::object_member(raw, "options")?.unwrap_or_default();
+            let mut options = members.object("options")?.unwrap_or_default();
             options.insert("num_predict".into(), Value::from(cap));
             return Ok(vec![("options", Some(Value::Object(options)))]);
         }

@@ -390,9 +390,12 @@ impl Gateway {
         ctx.admission = admission;
         if let (Some(cap), Some(route), Some(body)) = (clamp, ctx.route.as_ref(), ctx.body.as_ref())
         {
-            let edits = policy::output_cap_edit(route.kind, body, cap)?;
+            // One parse serves the edit's `options` and the rewrite.
+            let members = body::Members::unchecked(body)?;
+            let edits = policy::output_cap_edit(route.kind, &members, cap)?;
             if !edits.is_empty() {
-                ctx.body = Some(body::apply_edits(body, &edits)?);
+                let capped = members.edited(&edits)?;
+                ctx.body = Some(capped);
             }
         }
         Ok(())
