@@ -162,6 +162,7 @@ impl BackgroundService for DiscoveryPoller {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
+            self.upstreams.resolve().await;
             match fetch(&self.upstreams).await {
                 Ok(catalog) => {
                     crate::metrics::UPSTREAM_UP.set(1);

@@ -48,7 +48,7 @@ use crate::readiness::Readiness;
 use crate::request_id;
 use crate::respond::{self, ExtraHeaders};
 use crate::routes::{self, Route, RouteKind};
-use crate::settings::{Settings, UpstreamTarget};
+use crate::settings::Settings;
 use crate::upstream::Upstreams;
 
 /// Everything the proxy shares across requests.
@@ -82,7 +82,8 @@ pub struct RequestCtx {
     pub body: Option<Bytes>,
     pub model: Option<String>,
     pub stream: Option<bool>,
-    pub target: Option<UpstreamTarget>,
+    /// The index of the upstream chosen (`Upstreams::pick`).
+    pub target: Option<usize>,
     pub attempt: usize,
     /// This request's place in the round robin (kept across connect retries).
     pub upstream_start: Option<usize>,
@@ -789,8 +790,11 @@ impl ProxyHttp for Gateway {
         let start = *ctx
             .upstream_start
             .get_or_insert_with(|| self.state.upstreams.start_index());
-        let target = self.state.upstreams.pick(start, ctx.attempt).clone();
-        let peer = self.state.upstreams.peer(&target);
+        let target = self.state.upstreams.pick(start, ctx.attempt);
+        let peer =
+            self.state.upstreams.peer_at(target).ok_or_else(|| {
+                Error::explain(ErrorType::InternalError, "no upstream configured")
+            })?;
         ctx.target = Some(target);
         Ok(Box::new(peer))
     }
@@ -827,13 +831,13 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.upstream_sent_at = Some(Instant::now());
-        let Some(target) = ctx.target.as_ref() else {
+        let Some(target) = ctx.target else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "no upstream chosen",
             ));
         };
-        self.state.upstreams.prepare_request(
+        self.state.upstreams.prepare_proxied(
             upstream_request,
             target,
             &ctx.path_and_query,

@@ -91,10 +91,12 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         settings.auth_failure_limit_per_min,
     );
     let upstreams = Upstreams::new(&settings)?;
+    // Discovery also keeps the upstreams' addresses current for the proxy.
+    let discovery_upstreams = upstreams.sharing_addresses();
     let readiness = Readiness::new(store.clone(), redis.clone());
     let discovery = Arc::new(crate::discovery::Discovery::default());
     let poller = crate::discovery::DiscoveryPoller {
-        upstreams: Upstreams::new(&settings)?,
+        upstreams: discovery_upstreams,
         discovery: discovery.clone(),
         interval: settings.discovery_interval,
     };

@@ -2,7 +2,9 @@
 //! plus a small prober (`/readyz`, `probe-ollama`) that uses Pingora's own HTTP connector so
 //! it speaks to the upstream exactly as the proxy does.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -36,6 +38,11 @@ const STRIPPED: &[&str] = &[
 
 pub struct Upstreams {
     targets: Vec<UpstreamTarget>,
+    /// Each target's address, per index: fixed for an IP literal, refreshed by model discovery
+    /// for a host name ([`Self::resolve`]), so a request never waits for a name lookup.
+    addresses: Arc<Vec<RwLock<Option<SocketAddr>>>>,
+    /// Each target's `Host` value, built once.
+    host_headers: Vec<HeaderValue>,
     next: AtomicUsize,
     connect_timeout: Duration,
     read_timeout: Duration,
@@ -51,6 +58,8 @@ pub struct Upstreams {
 pub enum UpstreamConfigError {
     #[error("invalid setting OLLAMA_AUTH_TOKEN: not a valid header value")]
     BadToken,
+    #[error("invalid setting OLLAMA_URL: its host is not a valid Host header")]
+    BadHost,
 }
 
 impl Upstreams {
@@ -60,8 +69,23 @@ impl Upstreams {
             .as_ref()
             .map(|t| auth_header_value(&settings.upstream_auth_scheme, t))
             .transpose()?;
+        let targets = settings.upstreams.clone();
+        let addresses = targets
+            .iter()
+            .map(|t| {
+                let literal = t.host.parse::<IpAddr>().ok();
+                RwLock::new(literal.map(|ip| SocketAddr::new(ip, t.port)))
+            })
+            .collect();
+        let host_headers = targets
+            .iter()
+            .map(|t| HeaderValue::from_str(&t.host_header()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| UpstreamConfigError::BadHost)?;
         Ok(Self {
-            targets: settings.upstreams.clone(),
+            targets,
+            addresses: Arc::new(addresses),
+            host_headers,
             next: AtomicUsize::new(0),
             connect_timeout: settings.upstream_connect_timeout,
             read_timeout: settings.upstream_read_timeout,
@@ -89,16 +113,66 @@ impl Upstreams {
     }
 
     /// The backend for a request that started at `start`, after `attempt` connect failures.
-    pub fn pick(&self, start: usize, attempt: usize) -> &UpstreamTarget {
-        &self.targets[start.wrapping_add(attempt) % self.targets.len()]
+    pub fn pick(&self, start: usize, attempt: usize) -> usize {
+        start.wrapping_add(attempt) % self.targets.len()
+    }
+
+    /// The same targets, resolved addresses shared with this one (for the background service
+    /// that keeps them current), with a connector of its own.
+    pub fn sharing_addresses(&self) -> Upstreams {
+        Upstreams {
+            targets: self.targets.clone(),
+            addresses: self.addresses.clone(),
+            host_headers: self.host_headers.clone(),
+            next: AtomicUsize::new(0),
+            connect_timeout: self.connect_timeout,
+            read_timeout: self.read_timeout,
+            auth_header: self.auth_header.clone(),
+            auth_value: self.auth_value.clone(),
+            probe_connector: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Looks up every target named by a host name again; a failed lookup keeps the last address.
+    pub async fn resolve(&self) {
+        for (target, slot) in self.targets.iter().zip(self.addresses.iter()) {
+            if target.host.parse::<IpAddr>().is_ok() {
+                continue;
+            }
+            let found = tokio::net::lookup_host((target.host.as_str(), target.port)).await;
+            if let Some(addr) = found.ok().and_then(|mut addrs| addrs.next()) {
+                *slot.write().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+            }
+        }
+    }
+
+    /// The peer for the proxy's request to target `index`: its resolved address, or, before
+    /// the first lookup has finished, its name.
+    pub fn peer_at(&self, index: usize) -> Option<HttpPeer> {
+        let known = self
+            .addresses
+            .get(index)
+            .and_then(|slot| *slot.read().unwrap_or_else(PoisonError::into_inner));
+        match known {
+            Some(addr) => Some(self.with_options(HttpPeer::new(addr, false, String::new()))),
+            None => self.targets.get(index).map(|t| self.peer(t)),
+        }
     }
 
     pub fn targets(&self) -> &[UpstreamTarget] {
         &self.targets
     }
 
+    /// A peer for `target` by its name (looked up now: probes and discovery only).
     pub fn peer(&self, target: &UpstreamTarget) -> HttpPeer {
-        let mut peer = HttpPeer::new((target.host.as_str(), target.port), false, String::new());
+        self.with_options(HttpPeer::new(
+            (target.host.as_str(), target.port),
+            false,
+            String::new(),
+        ))
+    }
+
+    fn with_options(&self, mut peer: HttpPeer) -> HttpPeer {
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.total_connection_timeout = Some(self.connect_timeout);
         // Per read, response headers included: a first token can take minutes while a model loads.
@@ -108,11 +182,38 @@ impl Upstreams {
         peer
     }
 
-    /// Rewrites the client's request into what Ollama receives.
+    /// Rewrites the client's request into what target `index` receives.
+    pub fn prepare_proxied(
+        &self,
+        req: &mut RequestHeader,
+        index: usize,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        let host = self.host_headers.get(index).cloned().ok_or_else(|| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "no such upstream")
+        })?;
+        self.rewrite(req, host, path_and_query, request_id)
+    }
+
+    /// Rewrites a request into what `target` receives (probes and discovery).
     pub fn prepare_request(
         &self,
         req: &mut RequestHeader,
         target: &UpstreamTarget,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        let host = HeaderValue::from_str(&target.host_header()).map_err(|_| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "invalid upstream host")
+        })?;
+        self.rewrite(req, host, path_and_query, request_id)
+    }
+
+    fn rewrite(
+        &self,
+        req: &mut RequestHeader,
+        host: HeaderValue,
         path_and_query: &str,
         request_id: &str,
     ) -> pingora::Result<()> {
@@ -126,7 +227,7 @@ impl Upstreams {
         })?;
         req.set_uri(uri);
         strip_client_headers(req);
-        req.insert_header(http::header::HOST, target.host_header())?;
+        req.insert_header(http::header::HOST, host)?;
         if let Some(value) = &self.auth_value {
             req.insert_header(self.auth_header.clone(), value.clone())?;
         }
@@ -297,6 +398,49 @@ mod tests {
         }
         assert!(req.headers.get("user-agent").is_some());
         assert!(req.headers.get("content-type").is_some());
+    }
+
+    fn upstreams(ollama_url: &str) -> Upstreams {
+        let raw = [
+            ("DATABASE_URL", "postgres://u@h/d"),
+            ("OLLAMA_URL", ollama_url),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Upstreams::new(&Settings::from_map(&raw).unwrap()).unwrap()
+    }
+
+    fn address(u: &Upstreams, index: usize) -> Option<SocketAddr> {
+        *u.addresses[index].read().unwrap()
+    }
+
+    #[tokio::test]
+    async fn addresses_are_known_before_any_request() {
+        // An IP literal needs no lookup at all.
+        let u = upstreams("http://127.0.0.1:11434");
+        assert_eq!(
+            address(&u, 0),
+            Some(SocketAddr::from(([127, 0, 0, 1], 11434)))
+        );
+        let peer = u.peer_at(0).unwrap();
+        assert_eq!(peer._address.to_string(), "127.0.0.1:11434");
+        // A name is looked up by `resolve` (model discovery's tick), in the background; the
+        // copy that discovery holds shares the addresses with the proxy's.
+        let u = upstreams("http://localhost:11435");
+        assert_eq!(address(&u, 0), None);
+        let background = u.sharing_addresses();
+        background.resolve().await;
+        let found = address(&u, 0).expect("localhost resolves");
+        assert!(found.ip().is_loopback() && found.port() == 11435, "{found}");
+        assert_eq!(
+            u.peer_at(0).unwrap()._address.to_string(),
+            found.to_string()
+        );
+        assert!(u.peer_at(1).is_none());
+        let mut req = RequestHeader::build("GET", b"/api/tags", None).unwrap();
+        u.prepare_proxied(&mut req, 0, "/api/tags", "rid").unwrap();
+        assert_eq!(req.headers.get("host").unwrap(), "localhost:11435");
     }
 
     #[test]
