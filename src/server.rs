@@ -145,7 +145,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         settle_after: crate::limits::settlement::FLUSH_AFTER,
     };
     let limiter = match limiter_redis {
-        Some(redis) => Limiter::new(Some(redis), leases.clone(), seeder, config),
+        Some(redis) => Limiter::new(redis, leases.clone(), seeder, config),
         None => {
             tracing::warn!(
                 "REDIS_URL is not set: rate limits and budgets are kept in this process; run one instance only"

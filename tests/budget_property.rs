@@ -125,7 +125,7 @@ fn limiter_on(
 ) -> Limiter {
     let config = config(ns, min_output, settle_after);
     let redis = LimiterRedis::new(redis.clone(), url, config.redis_timeout).expect("script pool");
-    Limiter::new(Some(redis), Arc::new(LeaseBook::default()), None, config)
+    Limiter::new(redis, Arc::new(LeaseBook::default()), None, config)
 }
 
 fn config(ns: &str, min_output: u64, settle_after: Duration) -> LimiterConfig {

@@ -176,8 +176,6 @@ enum Backend {
     Redis(LimiterRedis),
     /// This process's memory: one instance alone (no `REDIS_URL`).
     Local(Arc<LocalLimits>),
-    /// None: limits and budgets cannot be enforced (fail closed, or open for rate limits).
-    Unset,
 }
 
 /// One admission's inputs, the same whichever backend decides it (admit.lua's arguments).
@@ -368,29 +366,23 @@ pub fn counts_tokens(p: &Principal) -> bool {
 }
 
 impl Limiter {
-    /// The limiter on Redis (`None`: no store, so limits and budgets cannot be enforced).
+    /// The limiter on Redis, shared by every instance on it.
     pub fn new(
-        redis: Option<LimiterRedis>,
+        redis: LimiterRedis,
         leases: Arc<LeaseBook>,
         seeder: Option<Arc<Seeder>>,
         config: LimiterConfig,
     ) -> Self {
-        let settlements = redis
-            .as_ref()
-            .map(|r| SettleQueue::new(r.scripts.clone(), config.settle_after, leases.clone()));
-        let backend = redis.map_or(Backend::Unset, Backend::Redis);
-        Self::with_backend(backend, settlements, leases, seeder, config)
+        let settlements =
+            SettleQueue::new(redis.scripts.clone(), config.settle_after, leases.clone());
+        let backend = Backend::Redis(redis);
+        Self::with_backend(backend, Some(settlements), leases, seeder, config)
     }
 
     /// The limiter on this process's counters, for a gateway running alone without Redis.
     pub fn in_process(local: Arc<LocalLimits>, config: LimiterConfig) -> Self {
         let leases = Arc::new(LeaseBook::default());
         Self::with_backend(Backend::Local(local), None, leases, None, config)
-    }
-
-    /// Whether limits are kept in this process (no Redis).
-    pub fn is_in_process(&self) -> bool {
-        matches!(self.backend, Backend::Local(_))
     }
 
     fn with_backend(
@@ -464,9 +456,6 @@ impl Limiter {
         }
         if rates.is_empty() && budgets.is_empty() {
             return Ok(None);
-        }
-        if matches!(self.backend, Backend::Unset) {
-            return self.unavailable(!budgets.is_empty(), "REDIS_URL is not set");
         }
         // Each missing budget scope may need a seed; requests in flight may briefly hold a
         // budget's room (their settlement is under way): a few quick retries, then an answer.
@@ -545,7 +534,6 @@ impl Limiter {
                     Hold::Local(hold.unwrap_or_default())
                 })
             }
-            Backend::Unset => Err(Reply::Error(!budgets.is_empty())),
         }
     }
 
