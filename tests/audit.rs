@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::http;
 use common::tcp_fault::FaultProxy;
 use common::{Gateway, Sim, Stack, UPSTREAM_TOKEN, fresh_database, require_env, sql_scalar_i64};
+use neuronetz_gateway::audit::AuditEvent;
 
 const CHAT: &str =
     r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hello world"}]}"#;
@@ -248,6 +249,92 @@ fn a_postgres_outage_loses_and_doubles_nothing() {
     );
     let left: Vec<_> = std::fs::read_dir(spool.path()).expect("spool").collect();
     assert!(left.is_empty(), "the spool is removed once replayed");
+}
+
+/// A spool holding a batch Postgres already took (the writer lost the acknowledgement, or the
+/// process died before deleting the file) is replayed by whoever adopts it: the audit rows and
+/// the budget usage of those events must count once, however often the batch comes back.
+#[test]
+fn a_batch_replayed_after_it_was_written_counts_once() {
+    let db = fresh_database();
+    let sim = Sim::start(&["--require-token", UPSTREAM_TOKEN]);
+    let sim_url = sim.url();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let spool_dir = spool.path().to_string_lossy().to_string();
+    let gw = Gateway::start(&[
+        ("DATABASE_URL", db.as_str()),
+        ("OLLAMA_URL", sim_url.as_str()),
+        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
+        ("AUDIT_SPOOL_DIR", spool_dir.as_str()),
+    ]);
+    gw.cli(&["create-tenant", "--name", "acme", "--models", "llama3.2"]);
+    gw.create_key("acme", "k", &[]);
+    let tenant = sql_scalar_i64(&db, "SELECT id FROM tenants WHERE name = 'acme'");
+    let key = sql_scalar_i64(&db, "SELECT id FROM api_keys");
+    let now = chrono::Utc::now();
+    let events: Vec<AuditEvent> = (0..3)
+        .map(|n| AuditEvent {
+            event_id: uuid::Uuid::now_v7(),
+            ts: now,
+            request_id: format!("req_replayed_{n}"),
+            tenant_id: Some(tenant),
+            key_id: Some(key),
+            key_prefix: None,
+            client_ip: None,
+            method: "POST".into(),
+            path: "/api/chat".into(),
+            surface: "native".into(),
+            model: Some("llama3.2".into()),
+            stream: Some(false),
+            status: 200,
+            upstream_status: Some(200),
+            error_code: None,
+            prompt_tokens: Some(10),
+            completion_tokens: Some(5),
+            bytes_in: None,
+            bytes_out: None,
+            ttfb_ms: None,
+            latency_ms: 1.0,
+            user_agent: None,
+            usage_day: Some(now.date_naive()),
+            prompt: None,
+        })
+        .collect();
+    let mut lines = String::new();
+    for e in &events {
+        lines.push_str(&serde_json::to_string(e).expect("event json"));
+        lines.push('\n');
+    }
+    let usage = format!(
+        "SELECT COALESCE(sum(requests * 1000 + prompt_tokens + completion_tokens), 0)::bigint \
+         FROM budget_usage WHERE scope = 'key' AND key_id = {key} AND period = 'total'"
+    );
+    for round in 1..=3 {
+        // Named for a process that has exited, so the running gateway adopts it.
+        let mut gone = std::process::Command::new("true").spawn().expect("spawn");
+        gone.wait().expect("wait");
+        let file = spool.path().join(format!("audit-{}.jsonl", gone.id()));
+        std::fs::write(&file, &lines).expect("write spool");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "spool not replayed\n{}",
+                gw.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            sql_scalar_i64(&db, "SELECT count(*) FROM audit_log"),
+            3,
+            "round {round}: one audit row per event"
+        );
+        assert_eq!(
+            sql_scalar_i64(&db, &usage),
+            3 * 1000 + 3 * 15,
+            "round {round}: the events' usage counted once"
+        );
+    }
 }
 
 #[test]

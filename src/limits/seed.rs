@@ -286,7 +286,7 @@ pub async fn postgres_usage(
              AND tenant_id = $2 AND key_id = $3 AND period = 'month' AND period_start = $5), 0) AS month, \
            COALESCE((SELECT prompt_tokens + completion_tokens FROM budget_usage WHERE scope = $1 \
              AND tenant_id = $2 AND key_id = $3 AND period = 'total'), 0) AS total, \
-           ARRAY(SELECT event_id::text FROM usage_events_applied WHERE event_id = ANY($6)) AS applied",
+           ARRAY(SELECT event_id::text FROM audit_log WHERE event_id = ANY($6)) AS applied",
     )
     .bind(target.scope.as_str())
     .bind(target.tenant_id)
