@@ -493,8 +493,10 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
             warm(&load, label).await?;
             let is_gateway = label == "gateway";
             let (stop_monitor, monitor_rx) = tokio::sync::watch::channel(false);
+            let mut redis_cpu_before = None;
             let (pg_before, monitor) = if is_gateway {
                 redis.reset_stats().await?;
+                redis_cpu_before = redis.cpu_seconds().await.ok();
                 let monitor = cfg.redis_monitor.then(|| {
                     let r = redis.clone();
                     tokio::spawn(async move { r.count_round_trips(monitor_rx).await })
@@ -525,13 +527,23 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
                 };
                 let calls: BTreeMap<String, u64> = redis.command_calls().await?;
                 let after = pg.counters().await?;
+                let redis_cpu = redis_cpu_before
+                    .zip(redis.cpu_seconds().await.ok())
+                    .map(|(b, a)| a - b);
                 // Everything sent since the counters were reset, warm-up included.
                 let n = if scenario.mode == Mode::Hold {
                     scenario.hold_counts.last().copied().unwrap_or(0) as u64
                 } else {
                     result.summary.sent
                 };
-                result.stores = Some(StoreDelta::new(n, calls, round_trips, before, after));
+                result.stores = Some(StoreDelta::new(
+                    n,
+                    calls,
+                    round_trips,
+                    before,
+                    after,
+                    redis_cpu,
+                ));
             }
             if cfg.progress {
                 eprintln!(

@@ -14,18 +14,55 @@ pub fn clock_ticks_per_sec() -> u64 {
     if t > 0 { t as u64 } else { 100 }
 }
 
-/// utime + stime of `pid` (all its threads), in clock ticks.
-pub fn cpu(pid: u32) -> Option<CpuSample> {
+/// The numeric fields of `/proc/<pid>/stat` from field 3 (state) on, for `f(fields)`.
+fn with_stat<T>(pid: u32, f: impl FnOnce(&[&str]) -> Option<T>) -> Option<T> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Field 14 (utime) and 15 (stime) of stat(5); `rest` starts at field 3.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(CpuSample {
-        ticks: utime + stime,
+    f(&fields)
+}
+
+/// Field `n` of stat(5) (1-based, as the manual numbers them) as a number.
+fn stat_field(fields: &[&str], n: usize) -> Option<u64> {
+    fields.get(n - 3)?.parse().ok()
+}
+
+/// utime + stime of `pid` (all its threads), in clock ticks.
+pub fn cpu(pid: u32) -> Option<CpuSample> {
+    with_stat(pid, |f| {
+        Some(CpuSample {
+            ticks: stat_field(f, 14)? + stat_field(f, 15)?,
+        })
     })
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    with_stat(pid, |f| u32::try_from(stat_field(f, 4)?).ok())
+}
+
+/// CPU of a server that forks a process per connection (Postgres): `root`'s own utime+stime,
+/// what its children that already exited spent (cutime+cstime), and the utime+stime of the
+/// children running now.
+pub fn tree_cpu(root: u32) -> Option<CpuSample> {
+    let own = with_stat(root, |f| {
+        Some(stat_field(f, 14)? + stat_field(f, 15)? + stat_field(f, 16)? + stat_field(f, 17)?)
+    })?;
+    let children: u64 = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| parent(pid) == Some(root))
+        .filter_map(|pid| cpu(pid).map(|c| c.ticks))
+        .sum();
+    Some(CpuSample {
+        ticks: own + children,
+    })
+}
+
+pub fn ticks_to_secs(ticks: u64) -> f64 {
+    ticks as f64 / clock_ticks_per_sec() as f64
 }
 
 /// Busy clock ticks of the whole machine (all CPUs), from the first line of `/proc/stat`:
@@ -155,6 +192,15 @@ mod tests {
     fn reads_own_process() {
         let me = std::process::id();
         assert!(cpu(me).is_some());
+        assert!(parent(me).is_some_and(|p| p > 0));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(parent(child.id()), Some(me));
+        assert!(tree_cpu(me).unwrap().ticks >= cpu(me).unwrap().ticks);
+        child.kill().unwrap();
+        child.wait().unwrap();
         let (rss, hwm) = memory(me).unwrap();
         assert!(rss > 0 && hwm >= rss);
     }

@@ -224,7 +224,7 @@ pub fn comparison_table(results: &[RunResult]) -> Option<Table> {
 /// Redis commands and Postgres transactions per request (gateway runs in compare mode).
 pub fn stores_table(results: &[RunResult]) -> Option<Table> {
     let mut t = Table::new(
-        "Gateway store work per request (Redis: commands clients sent, from MONITOR, and commands executed incl. inside Lua scripts, from INFO commandstats; Postgres: pg_stat_database delta; background work included)",
+        "Gateway store work per request (Redis: commands clients sent, from MONITOR, and commands executed incl. inside Lua scripts, from INFO commandstats; Postgres: pg_stat_database delta; CPU of the stores from /proc (Postgres, when local) and INFO cpu (Redis); background work included)",
         &[
             "scenario",
             "requests (incl. warm-up)",
@@ -235,6 +235,8 @@ pub fn stores_table(results: &[RunResult]) -> Option<Table> {
             "PG xact/req",
             "PG xact",
             "PG rows inserted",
+            "PG CPU s/1k req",
+            "Redis CPU s/1k req",
         ],
     );
     for r in results {
@@ -269,6 +271,10 @@ pub fn stores_table(results: &[RunResult]) -> Option<Table> {
             format!("{:.4}", st.pg_xact_per_request),
             st.pg_xact_commit.to_string(),
             st.pg_tup_inserted.to_string(),
+            st.pg_cpu_s_per_1000_req
+                .map_or("-".to_string(), |v| format!("{v:.3}")),
+            st.redis_cpu_s_per_1000_req
+                .map_or("-".to_string(), |v| format!("{v:.3}")),
         ]);
     }
     (!t.rows.is_empty()).then_some(t)

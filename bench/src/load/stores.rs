@@ -1,6 +1,8 @@
 //! Counters of the gateway's stores around a run: Redis `INFO commandstats` (after
-//! `CONFIG RESETSTAT`) over a minimal RESP connection, and Postgres `pg_stat_database` through
-//! `psql`.
+//! `CONFIG RESETSTAT`) and `INFO cpu` over a minimal RESP connection, Postgres
+//! `pg_stat_database` through `psql`, and the CPU time of a Postgres on this machine from
+//! `/proc`. On a small deployment the stores share the gateway's cores, so what they spend per
+//! request is part of what a request costs.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -64,6 +66,12 @@ impl Redis {
     pub async fn command_calls(&self) -> anyhow::Result<BTreeMap<String, u64>> {
         let info = self.command(&["INFO", "commandstats"]).await?;
         Ok(parse_commandstats(&info))
+    }
+
+    /// CPU seconds the server has used since it started (`used_cpu_sys` + `used_cpu_user`).
+    pub async fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let info = self.command(&["INFO", "cpu"]).await?;
+        parse_cpu(&info).context("INFO cpu without used_cpu_sys/used_cpu_user")
     }
 }
 
@@ -153,6 +161,15 @@ async fn read_reply(conn: &mut BufReader<TcpStream>) -> anyhow::Result<String> {
     }
 }
 
+fn parse_cpu(info: &str) -> Option<f64> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some(field("used_cpu_sys")? + field("used_cpu_user")?)
+}
+
 pub fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
     info.lines()
         .filter_map(|l| {
@@ -179,6 +196,8 @@ pub struct Postgres {
 pub struct PgCounters {
     pub xact_commit: i64,
     pub tup_inserted: i64,
+    /// CPU seconds of the whole server (postmaster and every backend), when it runs here.
+    pub cpu_s: Option<f64>,
 }
 
 impl Postgres {
@@ -199,7 +218,9 @@ impl Postgres {
             .arg(&self.url)
             .args([
                 "-Atc",
-                "SELECT xact_commit, tup_inserted FROM pg_stat_database WHERE datname = current_database()",
+                "SELECT xact_commit, tup_inserted, \
+                   (SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer') \
+                 FROM pg_stat_database WHERE datname = current_database()",
             ])
             .output()
             .await
@@ -215,11 +236,28 @@ impl Postgres {
         let mut next = || -> anyhow::Result<i64> {
             Ok(parts.next().context("short psql output")?.trim().parse()?)
         };
+        let xact_commit = next()?;
+        let tup_inserted = next()?;
+        let checkpointer = next().ok().and_then(|p| u32::try_from(p).ok());
         Ok(PgCounters {
-            xact_commit: next()?,
-            tup_inserted: next()?,
+            xact_commit,
+            tup_inserted,
+            cpu_s: checkpointer.and_then(local_server_cpu),
         })
     }
+}
+
+/// CPU seconds of the Postgres whose checkpointer has this pid, if that process runs on this
+/// machine (a remote server's pid means nothing here: the name must be `postgres`).
+fn local_server_cpu(checkpointer: u32) -> Option<f64> {
+    let comm = std::fs::read_to_string(format!("/proc/{checkpointer}/comm")).ok()?;
+    if comm.trim() != "postgres" {
+        return None;
+    }
+    let postmaster = super::procstat::parent(checkpointer)?;
+    Some(super::procstat::ticks_to_secs(
+        super::procstat::tree_cpu(postmaster)?.ticks,
+    ))
 }
 
 /// Store work during a run, per measured request.
@@ -239,6 +277,13 @@ pub struct StoreDelta {
     pub pg_xact_commit: i64,
     pub pg_xact_per_request: f64,
     pub pg_tup_inserted: i64,
+    /// Postgres CPU seconds per 1 000 requests (postmaster and every backend; only when it
+    /// runs on this machine).
+    #[serde(default)]
+    pub pg_cpu_s_per_1000_req: Option<f64>,
+    /// Redis CPU seconds per 1 000 requests (`INFO cpu`).
+    #[serde(default)]
+    pub redis_cpu_s_per_1000_req: Option<f64>,
 }
 
 impl StoreDelta {
@@ -248,6 +293,7 @@ impl StoreDelta {
         round_trips: BTreeMap<String, u64>,
         pg_before: PgCounters,
         pg_after: PgCounters,
+        redis_cpu_s: Option<f64>,
     ) -> Self {
         let per = |n: f64| {
             if requests > 0 {
@@ -272,6 +318,11 @@ impl StoreDelta {
             pg_xact_commit: xact,
             pg_xact_per_request: per(xact as f64),
             pg_tup_inserted: pg_after.tup_inserted - pg_before.tup_inserted,
+            pg_cpu_s_per_1000_req: pg_after
+                .cpu_s
+                .zip(pg_before.cpu_s)
+                .map(|(a, b)| per((a - b).max(0.0) * 1000.0)),
+            redis_cpu_s_per_1000_req: redis_cpu_s.map(|s| per(s.max(0.0) * 1000.0)),
         }
     }
 }
@@ -287,6 +338,13 @@ mod tests {
         assert_eq!(m.get("evalsha"), Some(&400));
         assert_eq!(m.get("get"), Some(&3));
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn parses_cpu() {
+        let info = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9.0\r\n";
+        assert_eq!(parse_cpu(info), Some(3.75));
+        assert_eq!(parse_cpu("# CPU\r\n"), None);
     }
 
     #[test]
