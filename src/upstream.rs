@@ -18,22 +18,22 @@ use crate::settings::{Settings, UpstreamTarget};
 
 /// Request headers never forwarded: the client's credentials, compression negotiation (the
 /// body filters read plain bytes) and hop-by-hop headers (RFC 9110 §7.6.1).
-const STRIPPED: &[&str] = &[
-    "authorization",
-    "cookie",
-    "accept-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "expect",
+const STRIPPED: [http::HeaderName; 13] = [
+    http::header::AUTHORIZATION,
+    http::header::COOKIE,
+    http::header::ACCEPT_ENCODING,
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+    http::header::EXPECT,
     // CORS is the gateway's business: Ollama would apply its own origin list (and answer 403)
     // to an origin the gateway allowed.
-    "origin",
+    http::header::ORIGIN,
 ];
 
 pub struct Upstreams {
@@ -350,19 +350,19 @@ pub fn strip_client_headers(req: &mut RequestHeader) {
         .map(|s| s.trim().to_ascii_lowercase())
         .filter(|s| !s.is_empty())
         .collect();
-    for name in STRIPPED
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        // Never let the client's `Connection` list drop what the gateway itself needs.
-        if matches!(
-            name,
-            "host" | "content-length" | "transfer-encoding" | "x-request-id"
-        ) {
-            continue;
-        }
-        while req.remove_header(name).is_some() {}
+    let doomed = |name: &http::HeaderName| {
+        STRIPPED.contains(name)
+            || (named.iter().any(|n| n == name.as_str())
+                // Never let the client's `Connection` list drop what the gateway itself needs.
+                && !matches!(
+                    name.as_str(),
+                    "host" | "content-length" | "transfer-encoding" | "x-request-id"
+                ))
+    };
+    // The request's own few names are walked, not the list looked up by name: a lookup by a
+    // `&str` parses that name each time.
+    while let Some(name) = req.headers.keys().find(|n| doomed(n)).cloned() {
+        req.remove_header(&name);
     }
 }
 
@@ -376,8 +376,16 @@ mod tests {
         for (k, v) in [
             ("authorization", "Bearer nz_client"),
             ("cookie", "a=b"),
-            ("connection", "keep-alive, x-secret-hop"),
+            (
+                "connection",
+                "keep-alive, X-Secret-Hop, host, content-length",
+            ),
             ("x-secret-hop", "1"),
+            ("x-secret-hop", "2"),
+            ("host", "gw.example"),
+            ("content-length", "2"),
+            ("keep-alive", "timeout=5"),
+            ("origin", "https://app.example"),
             ("accept-encoding", "gzip"),
             ("te", "trailers"),
             ("user-agent", "ua"),
@@ -393,9 +401,14 @@ mod tests {
             "x-secret-hop",
             "accept-encoding",
             "te",
+            "keep-alive",
+            "origin",
         ] {
             assert!(req.headers.get(gone).is_none(), "{gone}");
         }
+        // Named in `Connection`, but the gateway's own business.
+        assert!(req.headers.get("host").is_some());
+        assert!(req.headers.get("content-length").is_some());
         assert!(req.headers.get("user-agent").is_some());
         assert!(req.headers.get("content-type").is_some());
     }

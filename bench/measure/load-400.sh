@@ -6,6 +6,8 @@
 #   TARGET   gateway or passthrough
 # Sets `load_pid` (the proxy, after 10 s of load: measure for 15 s from then, 6 000 requests)
 # and `load_job` (the run; `wait "$load_job"` when done). Run from the repository root.
+# COMPARE_ARGS (optional) is appended to the `nz-bench compare` command line, e.g.
+#   COMPARE_ARGS="--gateway-env REDIS_URL=" for the gateway's in-process limits.
 
 # Requests measured in the 15 s window at 400 req/s.
 LOAD_400_REQUESTS=6000
@@ -18,7 +20,7 @@ load_400_start() {
         *) echo "target must be gateway or passthrough" >&2; return 2 ;;
     esac
     target/release/nz-bench compare --bin-dir "$bin_dir" --env-file target/nz-stores/env \
-        --scenario bench/scenarios/chat-stream.yaml --targets "$target" --duration 30s --quiet \
+        --scenario bench/scenarios/chat-stream.yaml --targets "$target" --duration 30s --quiet ${COMPARE_ARGS:-} \
         > "$out/run.log" 2>&1 &
     load_job=$!
     sleep 10

@@ -166,6 +166,12 @@ impl JsonWalker {
         self.depth
     }
 
+    /// Between top-level values: no container, string or scalar open. What the walker did
+    /// before no longer matters to what it makes of the next bytes.
+    pub fn is_idle(&self) -> bool {
+        self.depth == 0 && !self.in_string && self.scalar == Scalar::None
+    }
+
     /// Feeds bytes; `on_event` receives every value at a tracked depth.
     pub fn feed(&mut self, bytes: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
         let mut rest = bytes;

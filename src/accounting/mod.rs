@@ -15,6 +15,7 @@
 //! the prompt counts as ⌈request body bytes / 4⌉ tokens.
 
 pub mod json_path;
+pub(crate) mod plain_line;
 pub mod usage_strip;
 
 use json_path::{Event, JsonWalker, Key};
@@ -184,10 +185,32 @@ impl UsageScanner {
     /// Observes one chunk of the response body (no copy, no allocation).
     pub fn observe(&mut self, chunk: &[u8]) {
         match self.state.format {
-            Format::Native | Format::OpenAiJson => {
+            Format::Native => self.observe_native(chunk),
+            Format::OpenAiJson => {
                 self.walker.feed(chunk, &mut |e| self.state.on_event(e));
             }
             Format::OpenAiSse | Format::ResponsesSse => self.observe_sse(chunk),
+        }
+    }
+
+    /// NDJSON: a whole line that starts between values and is a plain content frame counts as
+    /// one without being walked (see `plain_line`); everything else goes through the walker.
+    fn observe_native(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let line_end = memchr::memchr(b'\n', rest);
+            if let Some(n) = line_end
+                && self.walker.is_idle()
+                && plain_line::is_plain_frame(&rest[..n])
+            {
+                self.state.on_event(json_path::Event::Begin);
+                self.state.on_event(json_path::Event::End);
+            } else {
+                let upto = line_end.map_or(rest.len(), |n| n + 1);
+                self.walker
+                    .feed(&rest[..upto], &mut |e| self.state.on_event(e));
+            }
+            rest = line_end.map_or(&[][..], |n| &rest[n + 1..]);
         }
     }
 

@@ -306,3 +306,62 @@ fn every_chunking_gives_the_same_outcome() {
         assert_eq!(scan(format, b, &all), whole, "{format:?} byte by byte");
     }
 }
+
+/// The native fast path (`plain_line`) takes a line only when it lies whole in one chunk: fed
+/// whole, most lines of these streams take it; fed byte by byte, none does. Lines are built
+/// from fragments that are plain, that carry what accounting reads, or that are malformed, so
+/// both answers of the fast path's test meet the walker's reading of the same bytes.
+#[test]
+fn the_native_fast_path_reads_lines_as_the_walker_does() {
+    const PARTS: &[&str] = &[
+        r#"{"model":"m","message":{"role":"assistant","content":"tok "},"done":false}"#,
+        r#"{"model":"m","response":"a \"done\" \\ b\n","done":false}"#,
+        r#"{"model":"m","message":{"tool_calls":[{"function":{"arguments":{"done":true,"error":"x"}}}]},"done":false}"#,
+        r#"{"model":"m","done":true,"prompt_eval_count":7,"eval_count":5}"#,
+        r#"{"done":false,"eval_count":2}"#,
+        r#"{"done",true}"#,
+        r#"{"error":"model failed"}"#,
+        r#"{"type":"error"}"#,
+        r#"{"usage":{"prompt_tokens":4,"completion_tokens":9}}"#,
+        r#"{"a":1}{"b":2}"#,
+        r#"{"a":{"b":1}"#,
+        r#"}"#,
+        r#"{"a":"open"#,
+        r#"{"a":"esc\"#,
+        r#"{"done": false}"#,
+        r#" {"x":[1,2]}"#,
+        r#"{"x":tru}"#,
+        "",
+        "\r",
+        "  ",
+    ];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x as usize) % n
+    };
+    let mut fast_lines = 0;
+    for _ in 0..3000 {
+        let lines = 1 + next(6);
+        let mut body = String::new();
+        for _ in 0..lines {
+            let part = PARTS[next(PARTS.len())];
+            fast_lines += usize::from(crate::accounting::plain_line::is_plain_frame(
+                part.as_bytes(),
+            ));
+            body.push_str(part);
+            if next(5) != 0 {
+                body.push('\n');
+            }
+        }
+        let b = body.as_bytes();
+        let whole = scan(Format::Native, b, &[]);
+        let all: Vec<usize> = (1..b.len()).collect();
+        assert_eq!(scan(Format::Native, b, &all), whole, "{body:?}");
+        let c = cuts(next(1 << 30) as u64, b.len(), 1 + next(4));
+        assert_eq!(scan(Format::Native, b, &c), whole, "{body:?} cut at {c:?}");
+    }
+    assert!(fast_lines > 1000, "the fast path was taken ({fast_lines})");
+}
