@@ -89,10 +89,12 @@ pub fn is_plain_frame(line: &[u8]) -> bool {
 
 /// False for a string that names a member native accounting reads (as a key or not: the
 /// walker decides what is a key from its own state, and this test need not agree with it),
-/// except `done` followed by `:false`, which every content frame carries.
+/// except `done` with the value `false` that every content frame carries. The walker checks
+/// no grammar: whatever follows `false` up to the next key is read as more values of `done`
+/// (a bare `t` as `true`), so only the end of the object or a comma and the next key may.
 fn harmless_string(text: &[u8], after: &[u8]) -> bool {
     match text {
-        b"done" => after.starts_with(b":false"),
+        b"done" => after.starts_with(b":false}") || after.starts_with(b":false,\""),
         b"error" | b"type" | b"usage" | b"eval_count" | b"prompt_eval_count" => false,
         _ => true,
     }
@@ -125,6 +127,8 @@ mod tests {
             r#"{"usage":{"prompt_tokens":1}}"#,
             r#"{"done",true}"#,
             r#"{"a":"done","x":1}"#,
+            r#"{"done":false role":"assistant"}"#,
+            r#"{"done":false,t}"#,
             r#"{"a":1}{"b":2}"#,
             r#"{"a":{"b":1}"#,
             r#"{"a":"unterminated}"#,

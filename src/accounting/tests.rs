@@ -329,6 +329,10 @@ fn the_native_fast_path_reads_lines_as_the_walker_does() {
         r#"{"a":"open"#,
         r#"{"a":"esc\"#,
         r#"{"done": false}"#,
+        // The walker is no grammar check: a bare word after `false` is read as another value
+        // of `done`, and its `t` as `true`.
+        r#"{"done":false role":"assistant"}"#,
+        r#"{"done":false,tru}"#,
         r#" {"x":[1,2]}"#,
         r#"{"x":tru}"#,
         "",
