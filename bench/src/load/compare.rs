@@ -496,7 +496,10 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
             let mut redis_cpu_before = None;
             let (pg_before, monitor) = if is_gateway {
                 redis.reset_stats().await?;
-                redis_cpu_before = redis.cpu_seconds().await.ok();
+                // MONITOR makes Redis echo every command: its CPU would not be the gateway's.
+                if !cfg.redis_monitor {
+                    redis_cpu_before = redis.cpu_seconds().await.ok();
+                }
                 let monitor = cfg.redis_monitor.then(|| {
                     let r = redis.clone();
                     tokio::spawn(async move { r.count_round_trips(monitor_rx).await })
