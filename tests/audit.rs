@@ -29,6 +29,23 @@ fn wait_for_rows(db: &str, want: i64) {
     }
 }
 
+/// A gateway on `db` with its own simulator and spool directory, and a tenant `acme` that may
+/// use `llama3.2`. The simulator and the directory live as long as the returned values.
+fn spooled_gateway(db: &str) -> (Sim, tempfile::TempDir, Gateway) {
+    let sim = Sim::start(&["--require-token", UPSTREAM_TOKEN]);
+    let sim_url = sim.url();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let spool_dir = spool.path().to_string_lossy().to_string();
+    let gw = Gateway::start(&[
+        ("DATABASE_URL", db),
+        ("OLLAMA_URL", sim_url.as_str()),
+        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
+        ("AUDIT_SPOOL_DIR", spool_dir.as_str()),
+    ]);
+    gw.cli(&["create-tenant", "--name", "acme", "--models", "llama3.2"]);
+    (sim, spool, gw)
+}
+
 #[test]
 fn every_request_gets_exactly_one_audit_row() {
     let s = Stack::start();
@@ -188,17 +205,7 @@ fn a_postgres_outage_loses_and_doubles_nothing() {
         .to_string();
     let proxy = FaultProxy::start(pg.clone());
     let through_proxy = db.replace(&pg, &format!("127.0.0.1:{}", proxy.port));
-    let sim = Sim::start(&["--require-token", UPSTREAM_TOKEN]);
-    let sim_url = sim.url();
-    let spool = tempfile::tempdir().expect("spool dir");
-    let spool_dir = spool.path().to_string_lossy().to_string();
-    let gw = Gateway::start(&[
-        ("DATABASE_URL", through_proxy.as_str()),
-        ("OLLAMA_URL", sim_url.as_str()),
-        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
-        ("AUDIT_SPOOL_DIR", spool_dir.as_str()),
-    ]);
-    gw.cli(&["create-tenant", "--name", "acme", "--models", "llama3.2"]);
+    let (_sim, spool, gw) = spooled_gateway(&through_proxy);
     let (key, _) = gw.create_key("acme", "k", &[]);
     // Let the change feed apply the tenant's creation first: applying it later would evict the
     // tenant's cached keys (correctly), and the cut below would then refuse them (fail closed).
@@ -257,17 +264,7 @@ fn a_postgres_outage_loses_and_doubles_nothing() {
 #[test]
 fn a_batch_replayed_after_it_was_written_counts_once() {
     let db = fresh_database();
-    let sim = Sim::start(&["--require-token", UPSTREAM_TOKEN]);
-    let sim_url = sim.url();
-    let spool = tempfile::tempdir().expect("spool dir");
-    let spool_dir = spool.path().to_string_lossy().to_string();
-    let gw = Gateway::start(&[
-        ("DATABASE_URL", db.as_str()),
-        ("OLLAMA_URL", sim_url.as_str()),
-        ("OLLAMA_AUTH_TOKEN", UPSTREAM_TOKEN),
-        ("AUDIT_SPOOL_DIR", spool_dir.as_str()),
-    ]);
-    gw.cli(&["create-tenant", "--name", "acme", "--models", "llama3.2"]);
+    let (_sim, spool, gw) = spooled_gateway(&db);
     gw.create_key("acme", "k", &[]);
     let tenant = sql_scalar_i64(&db, "SELECT id FROM tenants WHERE name = 'acme'");
     let key = sql_scalar_i64(&db, "SELECT id FROM api_keys");
