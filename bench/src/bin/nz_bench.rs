@@ -117,6 +117,11 @@ enum Cmd {
         /// Targets to run, in order.
         #[arg(long, value_delimiter = ',', default_value = "sim,passthrough,gateway")]
         targets: Vec<String>,
+        /// Runs of each scenario against every target. With more than one, the passthrough and
+        /// the gateway trade places every other round and the SPEC §14 checks take the median
+        /// of the rounds (hold scenarios run once).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
         /// Pingora worker threads for the passthrough and the gateway.
         #[arg(long, default_value_t = 2)]
         threads: usize,
@@ -300,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
             redis_url,
             env_file,
             targets,
+            rounds,
             threads,
             no_work_stealing,
             gateway_env,
@@ -346,6 +352,7 @@ async fn main() -> anyhow::Result<()> {
                 database_url,
                 redis_url,
                 targets,
+                rounds,
                 threads,
                 work_stealing: !no_work_stealing,
                 progress: !output.quiet,

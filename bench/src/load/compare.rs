@@ -24,6 +24,10 @@ pub struct CompareConfig {
     pub redis_url: String,
     /// Which of `sim`, `passthrough`, `gateway` to run, in that order.
     pub targets: Vec<String>,
+    /// Runs of each scenario against every target. Rounds alternate the order of the
+    /// passthrough and the gateway, so that a drift of the machine over the run (another
+    /// tenant's load, the page cache, thermal state) is not charged to one of them.
+    pub rounds: u32,
     /// Pingora worker threads, the same for the passthrough and the gateway.
     pub threads: usize,
     /// Pingora's `work_stealing` for both proxies (its default: true).
@@ -469,93 +473,28 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
     let mut results = Vec::new();
     for (i, scenario) in cfg.scenarios.iter().enumerate() {
         let keys = stack.provision(&format!("{run_tag}-{i}-{}", scenario.name), scenario)?;
-        let targets: Vec<(&str, String, Option<u32>)> = cfg
-            .targets
-            .iter()
-            .filter_map(|t| match t.as_str() {
-                "sim" => Some(("sim", stack.sim_addr.clone(), Some(stack.sim.pid()))),
-                "passthrough" => Some((
-                    "passthrough",
-                    stack.passthrough_addr.clone(),
-                    stack.passthrough.as_ref().map(Proc::pid),
-                )),
-                "gateway" => Some((
-                    "gateway",
-                    stack.gateway_addr.clone(),
-                    stack.gateway.as_ref().map(Proc::pid),
-                )),
-                _ => None,
-            })
-            .collect();
-        for (label, addr, pid) in targets {
-            let target = Target::parse(&format!("http://{addr}"))?;
-            let load = Arc::new(Load::new(scenario, target.clone(), keys.clone())?);
-            warm(&load, label).await?;
-            let is_gateway = label == "gateway";
-            let (stop_monitor, monitor_rx) = tokio::sync::watch::channel(false);
-            let mut redis_cpu_before = None;
-            let (pg_before, monitor) = if is_gateway {
-                redis.reset_stats().await?;
-                // MONITOR makes Redis echo every command: its CPU would not be the gateway's.
-                if !cfg.redis_monitor {
-                    redis_cpu_before = redis.cpu_seconds().await.ok();
+        // Holding streams measures memory, not a ratio that noise could move: once is enough.
+        let rounds = if scenario.mode == Mode::Hold {
+            1
+        } else {
+            cfg.rounds.max(1)
+        };
+        for round in 1..=rounds {
+            let order = round_order(&cfg.targets, round);
+            let round = (rounds > 1).then_some(round);
+            for target in order {
+                let mut result =
+                    run_target(&cfg, &stack, &redis, &pg, scenario, &keys, target).await?;
+                result.round = round;
+                if cfg.progress {
+                    eprintln!(
+                        "{}",
+                        super::report::results_table(std::slice::from_ref(&result)).text()
+                    );
                 }
-                let monitor = cfg.redis_monitor.then(|| {
-                    let r = redis.clone();
-                    tokio::spawn(async move { r.count_round_trips(monitor_rx).await })
-                });
-                (Some(pg.counters().await?), monitor)
-            } else {
-                (None, None)
-            };
-            let opts = RunOptions {
-                label: label.to_string(),
-                progress: cfg.progress,
-                pid,
-            };
-            let mut result = run_scenario(scenario, load, &opts).await;
-            if !cfg.limits {
-                // Not the configuration SPEC §14 is about: named as such, no targets checked.
-                result.scenario = format!("{} (no limits)", result.scenario);
-                result.spec_checks = false;
+                results.push(result);
+                tokio::time::sleep(cfg.settle).await;
             }
-            if let Some(before) = pg_before {
-                // The audit writer batches, and Postgres publishes its counters about once a
-                // second: wait for both.
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                let _ = stop_monitor.send(true);
-                let round_trips = match monitor {
-                    Some(m) => m.await.map_err(anyhow::Error::from).and_then(|r| r)?,
-                    None => BTreeMap::new(),
-                };
-                let calls: BTreeMap<String, u64> = redis.command_calls().await?;
-                let after = pg.counters().await?;
-                let redis_cpu = redis_cpu_before
-                    .zip(redis.cpu_seconds().await.ok())
-                    .map(|(b, a)| a - b);
-                // Everything sent since the counters were reset, warm-up included.
-                let n = if scenario.mode == Mode::Hold {
-                    scenario.hold_counts.last().copied().unwrap_or(0) as u64
-                } else {
-                    result.summary.sent
-                };
-                result.stores = Some(StoreDelta::new(
-                    n,
-                    calls,
-                    round_trips,
-                    before,
-                    after,
-                    redis_cpu,
-                ));
-            }
-            if cfg.progress {
-                eprintln!(
-                    "{}",
-                    super::report::results_table(std::slice::from_ref(&result)).text()
-                );
-            }
-            results.push(result);
-            tokio::time::sleep(cfg.settle).await;
         }
     }
     let dir = stack.dir.clone();
@@ -566,6 +505,107 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
         eprintln!("could not remove {}: {e}", dir.display());
     }
     Ok(results)
+}
+
+/// The targets of one round: as given in odd rounds; in even rounds the passthrough and the
+/// gateway trade places (the simulator, the reference for both, stays first).
+fn round_order(targets: &[String], round: u32) -> Vec<&str> {
+    let mut order: Vec<&str> = targets.iter().map(String::as_str).collect();
+    if round.is_multiple_of(2) {
+        let at = |name: &str| order.iter().position(|t| *t == name);
+        if let (Some(p), Some(g)) = (at("passthrough"), at("gateway")) {
+            order.swap(p, g);
+        }
+    }
+    order
+}
+
+/// One run of `scenario` against one target, with the stores' counters around it when the
+/// target is the gateway.
+async fn run_target(
+    cfg: &CompareConfig,
+    stack: &Stack,
+    redis: &Redis,
+    pg: &Postgres,
+    scenario: &Scenario,
+    keys: &[String],
+    target: &str,
+) -> anyhow::Result<RunResult> {
+    let (label, addr, pid) = match target {
+        "sim" => ("sim", &stack.sim_addr, Some(stack.sim.pid())),
+        "passthrough" => (
+            "passthrough",
+            &stack.passthrough_addr,
+            stack.passthrough.as_ref().map(Proc::pid),
+        ),
+        "gateway" => (
+            "gateway",
+            &stack.gateway_addr,
+            stack.gateway.as_ref().map(Proc::pid),
+        ),
+        other => bail!("unknown target `{other}`"),
+    };
+    let target = Target::parse(&format!("http://{addr}"))?;
+    let load = Arc::new(Load::new(scenario, target.clone(), keys.to_vec())?);
+    warm(&load, label).await?;
+    let is_gateway = label == "gateway";
+    let (stop_monitor, monitor_rx) = tokio::sync::watch::channel(false);
+    let mut redis_cpu_before = None;
+    let (pg_before, monitor) = if is_gateway {
+        redis.reset_stats().await?;
+        // MONITOR makes Redis echo every command: its CPU would not be the gateway's.
+        if !cfg.redis_monitor {
+            redis_cpu_before = redis.cpu_seconds().await.ok();
+        }
+        let monitor = cfg.redis_monitor.then(|| {
+            let r = redis.clone();
+            tokio::spawn(async move { r.count_round_trips(monitor_rx).await })
+        });
+        (Some(pg.counters().await?), monitor)
+    } else {
+        (None, None)
+    };
+    let opts = RunOptions {
+        label: label.to_string(),
+        progress: cfg.progress,
+        pid,
+    };
+    let mut result = run_scenario(scenario, load, &opts).await;
+    if !cfg.limits {
+        // Not the configuration SPEC §14 is about: named as such, no targets checked.
+        result.scenario = format!("{} (no limits)", result.scenario);
+        result.spec_checks = false;
+    }
+    if let Some(before) = pg_before {
+        // The audit writer batches, and Postgres publishes its counters about once a
+        // second: wait for both.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let _ = stop_monitor.send(true);
+        let round_trips = match monitor {
+            Some(m) => m.await.map_err(anyhow::Error::from).and_then(|r| r)?,
+            None => BTreeMap::new(),
+        };
+        let calls: BTreeMap<String, u64> = redis.command_calls().await?;
+        let after = pg.counters().await?;
+        let redis_cpu = redis_cpu_before
+            .zip(redis.cpu_seconds().await.ok())
+            .map(|(b, a)| a - b);
+        // Everything sent since the counters were reset, warm-up included.
+        let n = if scenario.mode == Mode::Hold {
+            scenario.hold_counts.last().copied().unwrap_or(0) as u64
+        } else {
+            result.summary.sent
+        };
+        result.stores = Some(StoreDelta::new(
+            n,
+            calls,
+            round_trips,
+            before,
+            after,
+            redis_cpu,
+        ));
+    }
+    Ok(result)
 }
 
 /// One request per key before measuring: opens the gateway's key cache (the first use of a
@@ -591,4 +631,19 @@ async fn warm(load: &Load, label: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn even_rounds_swap_the_passthrough_and_the_gateway() {
+        let targets: Vec<String> = ["sim", "passthrough", "gateway"].map(String::from).into();
+        assert_eq!(round_order(&targets, 1), ["sim", "passthrough", "gateway"]);
+        assert_eq!(round_order(&targets, 2), ["sim", "gateway", "passthrough"]);
+        assert_eq!(round_order(&targets, 3), ["sim", "passthrough", "gateway"]);
+        let only: Vec<String> = vec!["gateway".into()];
+        assert_eq!(round_order(&only, 2), ["gateway"]);
+    }
 }

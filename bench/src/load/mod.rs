@@ -68,6 +68,10 @@ pub struct RunResult {
     /// Whether the SPEC §14 checks apply to this scenario.
     #[serde(default = "default_true")]
     pub spec_checks: bool,
+    /// Which round of a repeated comparison (`nz-bench compare --rounds`), from 1; `None` when
+    /// the scenario ran once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
     pub summary: stats::Summary,
     /// CPU and memory of the process behind the target, when its pid is known.
     pub process: Option<procstat::ProcessDelta>,
@@ -100,6 +104,7 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
         concurrency: scenario.concurrency,
         warmup_s: scenario.warmup.as_secs_f64(),
         spec_checks: scenario.spec_checks,
+        round: None,
         summary: stats::Summary::default(),
         process: None,
         machine: None,
