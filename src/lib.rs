@@ -21,6 +21,7 @@ pub mod errors;
 pub mod fuzzing;
 pub mod limits;
 pub mod listing;
+pub mod log_sink;
 pub mod log_throttle;
 pub mod metrics;
 pub mod model_report;

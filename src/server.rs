@@ -210,9 +210,14 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     metrics.add_tcp(&metrics_listen);
     server.add_service(metrics);
     server.add_service(background_service("audit-writer", audit_writer));
+    server.add_service(background_service(
+        "log-flusher",
+        crate::log_sink::LogFlusher(&crate::log_sink::STDERR),
+    ));
     server.add_service(proxy);
     tracing::info!(listen = %listen, "neuronetz-gateway serving");
     server.run(RunArgs::default());
+    crate::log_sink::STDERR.set_buffered(false);
     Ok(())
 }
 
