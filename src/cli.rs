@@ -246,11 +246,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|_| format!("bad duration `{s}` (use e.g. 30d, 24h, 15m)"))
 }
 
-pub fn init_tracing(format: LogFormat) {
+/// `serving`: the gateway's own log, which a daemon fork may send to Pingora's error log file
+/// after this is set up, gets no colours; an admin command's gets them on a terminal.
+pub fn init_tracing(format: LogFormat, serving: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a terminal: a log file or journald gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = !serving && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -263,7 +264,10 @@ pub fn init_tracing(format: LogFormat) {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
-    init_tracing(settings.log_format);
+    init_tracing(
+        settings.log_format,
+        matches!(cli.command, Command::Serve { .. }),
+    );
     if let Some(path) = &settings.clock_offset_file {
         crate::clock::load_offset(path);
     }

@@ -4,9 +4,10 @@
 //! that line cost the proxy thread a `write(2)` of its own per request. While `serve` runs,
 //! lines are appended to one shared buffer instead and written by [`LogFlusher`], a background
 //! service, every [`FLUSH_EVERY`] (or by the thread whose line fills the buffer past
-//! [`FLUSH_BYTES`]): a few hundred lines per system call under load. A line is whole in the
-//! buffer, so lines never interleave. Admin commands, start-up and shutdown write each line
-//! at once, as before: no line waits behind a process that is about to exit.
+//! [`FLUSH_BYTES`]), cut at line ends into writes of at most 4 KiB, which a pipe keeps whole
+//! even while another process (the old one, during a graceful upgrade) writes to it too. Admin
+//! commands, start-up and a graceful shutdown (from its signal on) write each line at once;
+//! after a fast shutdown (SIGINT) the buffer is written when the server has stopped.
 //!
 //! What buffering costs: a line reaches the log up to [`FLUSH_EVERY`] late, and a process
 //! killed with SIGKILL (or aborted) loses the lines of its last [`FLUSH_EVERY`].
@@ -67,7 +68,9 @@ impl LogSink {
             lines.extend_from_slice(line);
             lines.len() >= FLUSH_BYTES
         };
-        if full {
+        // Buffering may have ended between the caller's check and the append, after the last
+        // flush: the line must not wait for one that may never come.
+        if full || !self.buffered.load(Ordering::Acquire) {
             self.flush();
         }
     }
@@ -77,14 +80,46 @@ impl LogSink {
         let _order = lock(&self.writing);
         let batch = {
             let mut lines = lock(&self.lines);
+            if lines.is_empty() {
+                return;
+            }
             // The next batch starts at this one's size: no growing it line by line again.
             let room = lines.capacity().min(2 * FLUSH_BYTES);
             std::mem::replace(&mut *lines, Vec::with_capacity(room))
         };
-        if !batch.is_empty() {
-            (self.out)(&batch);
+        for piece in pieces(&batch) {
+            (self.out)(piece);
         }
     }
+}
+
+/// Writes to a pipe are atomic up to this size (POSIX `PIPE_BUF` on Linux): another process
+/// writing to the same standard error (the old one during a graceful upgrade) cannot cut a line
+/// of a piece this long.
+const ATOMIC_WRITE: usize = 4096;
+
+/// A batch cut at line ends into pieces of at most [`ATOMIC_WRITE`] bytes; a longer line is
+/// a piece of its own, as it was a write of its own before batching.
+fn pieces(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let window = &rest[..rest.len().min(ATOMIC_WRITE)];
+        let end = if window.len() == rest.len() {
+            rest.len()
+        } else {
+            match memchr::memrchr(b'\n', window) {
+                Some(at) => at + 1,
+                // One line longer than the window: up to its own end.
+                None => memchr::memchr(b'\n', rest).map_or(rest.len(), |at| at + 1),
+            }
+        };
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +210,27 @@ mod tests {
             at("line 2") < at("after") && at("after") < usize::MAX,
             "{written}"
         );
+    }
+
+    #[test]
+    fn batches_are_cut_at_line_ends_into_atomic_writes() {
+        let line = |n: usize| {
+            let mut l = vec![b'a'; n - 1];
+            l.push(b'\n');
+            l
+        };
+        let mut batch = Vec::new();
+        for _ in 0..10 {
+            batch.extend(line(1000));
+        }
+        batch.extend(line(5000));
+        batch.extend(line(10));
+        let cut: Vec<&[u8]> = pieces(&batch).collect();
+        assert_eq!(cut.concat(), batch);
+        assert!(cut.iter().all(|p| p.ends_with(b"\n")));
+        // 4 lines of 1 000 fit in 4 096; the 5 000-byte line goes alone.
+        let sizes: Vec<usize> = cut.iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [4000, 4000, 2000, 5000, 10]);
     }
 
     #[test]

@@ -533,15 +533,20 @@ pub fn targets_table(results: &[RunResult]) -> Option<Table> {
                 Some(checks(pass, gw))
             })
             .collect();
-        let Some(first) = rounds.first() else {
-            continue;
-        };
-        for (i, c) in first.iter().enumerate() {
+        // Checks by name, in the order they first appear: a round can lack one (no CPU figure,
+        // no store counts) without shifting the others.
+        let mut names: Vec<&Check> = Vec::new();
+        for c in rounds.iter().flatten() {
+            if !names.iter().any(|n| n.name == c.name) {
+                names.push(c);
+            }
+        }
+        for c in names {
             let mut values: Vec<f64> = rounds
                 .iter()
-                .filter_map(|r| r.get(i).filter(|x| x.name == c.name).map(|x| x.value))
+                .filter_map(|r| r.iter().find(|x| x.name == c.name).map(|x| x.value))
                 .collect();
-            let measured = if values.len() == 1 {
+            let measured = if rounds.len() == 1 {
                 let shown = c.unit.show(c.value);
                 match &c.note {
                     Some(n) => format!("{shown} ({n})"),
@@ -550,8 +555,13 @@ pub fn targets_table(results: &[RunResult]) -> Option<Table> {
             } else {
                 let n = values.len();
                 let m = median(&mut values);
+                let of = if n == rounds.len() {
+                    format!("{n} rounds")
+                } else {
+                    format!("{n} of {} rounds", rounds.len())
+                };
                 format!(
-                    "median {} ({} to {}, {n} rounds)",
+                    "median {} ({} to {}, {of})",
                     c.unit.show(m),
                     c.unit.show(values[0]),
                     c.unit.show(values[n - 1])
@@ -692,6 +702,32 @@ mod tests {
             cmp.rows
                 .iter()
                 .any(|r| r[0] == "s #3 / gateway" && r[12] == "1.15x")
+        );
+    }
+
+    #[test]
+    fn a_round_without_a_check_does_not_shift_the_others() {
+        let mut results = Vec::new();
+        for (round, cpu) in [(1, None), (2, Some(0.22)), (3, Some(0.26))] {
+            for target in ["passthrough", "gateway"] {
+                let mut r = result(target, Mode::Open, 100.0, 2.0, 0.2);
+                if target == "gateway" {
+                    r.process = cpu.map(|c| ProcessDelta {
+                        cpu_s_per_1000_req: c,
+                        ..ProcessDelta::default()
+                    });
+                }
+                r.round = Some(round);
+                results.push(r);
+            }
+        }
+        let t = targets_table(&results).unwrap();
+        let cpu = t.rows.iter().find(|r| r[1] == "CPU per request").unwrap();
+        assert_eq!(cpu[3], "median 1.20x (1.10x to 1.30x, 2 of 3 rounds)");
+        let p99 = t.rows.iter().find(|r| r[1] == "added p99").unwrap();
+        assert_eq!(
+            p99[3],
+            "median +0.000 ms (+0.000 ms to +0.000 ms, 3 rounds)"
         );
     }
 
