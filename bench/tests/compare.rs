@@ -25,7 +25,13 @@ fn fresh_database() -> String {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     );
-    let out = Command::new("psql")
+    // As nz-bench finds it: Postgres's own bin directory first, then PATH.
+    let psql = std::env::var("NZ_PG_BIN")
+        .ok()
+        .map(|d| Path::new(&d).join("psql"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("psql"));
+    let out = Command::new(psql)
         .args([&admin, "-v", "ON_ERROR_STOP=1", "-qc"])
         .arg(format!("CREATE DATABASE {name}"))
         .output()
