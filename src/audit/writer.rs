@@ -419,7 +419,27 @@ fn push_usage(qb: &mut QueryBuilder<Postgres>, chunk: &[AuditEvent]) {
         return;
     }
     let events = chunk.len() as i64;
-    let sums = UsageSum::of(&charged);
+    push_summed(qb, &UsageSum::of(&charged), events);
+    push_per_event(qb, &charged, events);
+    // Rows are upserted in primary-key order, so two writers never wait on each other in a
+    // cycle (deadlock).
+    qb.push(
+        ", usage AS (INSERT INTO budget_usage AS u (scope, tenant_id, key_id, period, period_start, \
+                                        requests, prompt_tokens, completion_tokens) \
+           SELECT scope, tenant_id, key_id, period, period_start, sum(requests), sum(prompt), sum(completion) \
+           FROM (SELECT * FROM summed UNION ALL SELECT * FROM usage_rows) AS r \
+           GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
+           ON CONFLICT (scope, tenant_id, key_id, period, period_start) DO UPDATE SET \
+             requests = u.requests + EXCLUDED.requests, \
+             prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
+             completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens, \
+             updated_at = now() \
+           RETURNING 1)",
+    );
+}
+
+/// `summed`: the chunk's usage per `budget_usage` row, when every event of the chunk is new.
+fn push_summed(qb: &mut QueryBuilder<Postgres>, sums: &[UsageSum], events: i64) {
     qb.push(", summed AS (SELECT * FROM unnest(")
         .push_bind(sums.iter().map(|r| r.scope).collect::<Vec<_>>())
         .push("::text[], ")
@@ -441,7 +461,13 @@ fn push_usage(qb: &mut QueryBuilder<Postgres>, chunk: &[AuditEvent]) {
              WHERE (SELECT count(*) FROM audit) = ",
         )
         .push_bind(events)
-        .push("), ev AS (SELECT * FROM unnest(")
+        .push(")");
+}
+
+/// `usage_rows`: six rows for each event whose audit row this statement inserted, when some
+/// event of the chunk was already there (a replay).
+fn push_per_event(qb: &mut QueryBuilder<Postgres>, charged: &[Charged], events: i64) {
+    qb.push(", ev AS (SELECT * FROM unnest(")
         .push_bind(charged.iter().map(|c| c.event_id).collect::<Vec<_>>())
         .push("::uuid[], ")
         .push_bind(charged.iter().map(|c| c.tenant_id).collect::<Vec<_>>())
@@ -467,21 +493,7 @@ fn push_usage(qb: &mut QueryBuilder<Postgres>, chunk: &[AuditEvent]) {
                       WHERE (SELECT count(*) FROM audit) < ",
         )
         .push_bind(events)
-        // Rows are upserted in primary-key order, so two writers never wait on each other in
-        // a cycle (deadlock).
-        .push(
-            "), usage AS (INSERT INTO budget_usage AS u (scope, tenant_id, key_id, period, period_start, \
-                                            requests, prompt_tokens, completion_tokens) \
-               SELECT scope, tenant_id, key_id, period, period_start, sum(requests), sum(prompt), sum(completion) \
-               FROM (SELECT * FROM summed UNION ALL SELECT * FROM usage_rows) AS r \
-               GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
-               ON CONFLICT (scope, tenant_id, key_id, period, period_start) DO UPDATE SET \
-                 requests = u.requests + EXCLUDED.requests, \
-                 prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
-                 completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens, \
-                 updated_at = now() \
-               RETURNING 1)",
-        );
+        .push(")");
 }
 
 /// What one event that went upstream adds to its budgets.
@@ -524,12 +536,11 @@ struct UsageSum {
 impl UsageSum {
     /// Six rows per event (tenant and key; day, month and total), summed per row.
     fn of(charged: &[Charged]) -> Vec<UsageSum> {
-        use chrono::Datelike;
         type Row = (&'static str, i64, i64, &'static str, chrono::NaiveDate);
         let mut sums: std::collections::BTreeMap<Row, (i64, i64, i64)> = Default::default();
         let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
         for c in charged {
-            let month = c.day.with_day(1).unwrap_or(c.day);
+            let month = crate::clock::Periods { day: c.day }.month_start();
             for (scope, key_id) in [("tenant", 0), ("key", c.key_id)] {
                 for (period, start) in [("day", c.day), ("month", month), ("total", epoch)] {
                     let sum = sums
