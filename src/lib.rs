@@ -19,6 +19,7 @@ pub mod discovery;
 pub mod drain;
 pub mod errors;
 pub mod fuzzing;
+pub mod head;
 pub mod limits;
 pub mod listing;
 pub mod log_sink;

@@ -2,12 +2,14 @@
 //! route labels from the route table, statuses, surfaces, reasons and tenant names: never a
 //! key, a prefix, a path the client chose, or anything secret.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, register_histogram,
-    register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    register_histogram, register_histogram_vec, register_int_counter_vec, register_int_gauge,
 };
 
 /// Latency buckets from 100 µs (the gateway's own cost) to 10 min (a long generation).
@@ -142,8 +144,8 @@ fn gauge(name: &str, help: &str) -> IntGauge {
 
 /// Everything the `logging` phase knows about a finished request.
 pub struct Finished<'a> {
-    pub surface: &'a str,
-    pub route: &'a str,
+    pub surface: &'static str,
+    pub route: &'static str,
     pub status: u16,
     pub total: Duration,
     pub upstream: Option<Duration>,
@@ -152,29 +154,103 @@ pub struct Finished<'a> {
     pub tokens: Option<(u64, u64)>,
 }
 
+/// A route's labelled series, resolved once per thread: `with_label_values` hashes every
+/// label with SipHash and takes a lock, five times per request otherwise.
+#[derive(Clone)]
+struct RouteSeries {
+    requests: IntCounter,
+    seconds: Histogram,
+}
+
+#[derive(Clone)]
+struct TenantSeries {
+    prompt: IntCounter,
+    completion: IntCounter,
+}
+
+/// Above this many entries a thread's cache starts over (tenant names are operator-made, but
+/// nothing bounds how many there are).
+const SERIES_CACHE_MAX: usize = 4096;
+
+type RouteKey = (&'static str, &'static str, u16);
+
+thread_local! {
+    static ROUTES: RefCell<HashMap<RouteKey, RouteSeries, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
+    static TTFB: RefCell<HashMap<&'static str, Histogram, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
+    static TENANTS: RefCell<HashMap<Box<str>, TenantSeries, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
+}
+
+fn route_series(surface: &'static str, route: &'static str, status: u16) -> RouteSeries {
+    let resolve = || {
+        let mut digits = itoa::Buffer::new();
+        RouteSeries {
+            requests: REQUESTS.with_label_values(&[surface, route, digits.format(status)]),
+            seconds: REQUEST_SECONDS.with_label_values(&[surface, route]),
+        }
+    };
+    ROUTES.with(|cache| {
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            return resolve();
+        };
+        if cache.len() >= SERIES_CACHE_MAX {
+            cache.clear();
+        }
+        cache
+            .entry((surface, route, status))
+            .or_insert_with(resolve)
+            .clone()
+    })
+}
+
+/// Only routes that reached an upstream get a TTFB series.
+fn ttfb_series(route: &'static str) -> Histogram {
+    let resolve = || UPSTREAM_TTFB_SECONDS.with_label_values(&[route]);
+    TTFB.with(|cache| match cache.try_borrow_mut() {
+        Ok(mut cache) => cache.entry(route).or_insert_with(resolve).clone(),
+        Err(_) => resolve(),
+    })
+}
+
+fn tenant_series(tenant: &str) -> TenantSeries {
+    let resolve = || TenantSeries {
+        prompt: TOKENS.with_label_values(&["prompt", tenant]),
+        completion: TOKENS.with_label_values(&["completion", tenant]),
+    };
+    TENANTS.with(|cache| {
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            return resolve();
+        };
+        if let Some(series) = cache.get(tenant) {
+            return series.clone();
+        }
+        if cache.len() >= SERIES_CACHE_MAX {
+            cache.clear();
+        }
+        let series = resolve();
+        cache.insert(tenant.into(), series.clone());
+        series
+    })
+}
+
 pub fn record(f: &Finished<'_>) {
-    let status = f.status.to_string();
-    REQUESTS
-        .with_label_values(&[f.surface, f.route, status.as_str()])
-        .inc();
-    REQUEST_SECONDS
-        .with_label_values(&[f.surface, f.route])
-        .observe(f.total.as_secs_f64());
+    let series = route_series(f.surface, f.route, f.status);
+    series.requests.inc();
+    series.seconds.observe(f.total.as_secs_f64());
     OVERHEAD_SECONDS.observe(
         f.total
             .saturating_sub(f.upstream.unwrap_or_default())
             .as_secs_f64(),
     );
     if let Some(ttfb) = f.upstream_ttfb {
-        UPSTREAM_TTFB_SECONDS
-            .with_label_values(&[f.route])
-            .observe(ttfb.as_secs_f64());
+        ttfb_series(f.route).observe(ttfb.as_secs_f64());
     }
     if let (Some(tenant), Some((prompt, completion))) = (f.tenant, f.tokens) {
-        TOKENS.with_label_values(&["prompt", tenant]).inc_by(prompt);
-        TOKENS
-            .with_label_values(&["completion", tenant])
-            .inc_by(completion);
+        let tokens = tenant_series(tenant);
+        tokens.prompt.inc_by(prompt);
+        tokens.completion.inc_by(completion);
     }
 }
 

@@ -128,6 +128,80 @@ pub fn output_cap_edit(
     Ok(vec![(field, Some(Value::from(cap)))])
 }
 
+/// Where a budget's output cap can be written into the body that goes upstream without
+/// parsing it again: before the body's closing brace, when the member that carries the cap is
+/// in neither the client's body nor the gateway's edits. The result is the body
+/// [`output_cap_edit`] and [`Members::edited`] would produce (the cap appended as the last
+/// member), except that the client's own bytes, whitespace included, are kept as they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapSlot {
+    /// Offset of the body's closing `}`.
+    at: usize,
+    member: CapMember,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CapMember {
+    /// `"options":{"num_predict":N}` (native routes).
+    NativeOptions,
+    /// `"<name>":N` (OpenAI routes).
+    Field(&'static str),
+}
+
+impl CapSlot {
+    /// The slot of `body`, the body going upstream after `edits` were applied to the client's
+    /// `members`; `None` when the cap needs the general edit (its member is present, or the
+    /// route takes no cap).
+    pub fn find(
+        route: RouteKind,
+        members: &Members<'_>,
+        edits: &Edits,
+        body: &[u8],
+    ) -> Option<Self> {
+        let (name, member) = match route {
+            RouteKind::ApiChat | RouteKind::ApiGenerate => ("options", CapMember::NativeOptions),
+            RouteKind::V1ChatCompletions | RouteKind::V1Completions => {
+                ("max_tokens", CapMember::Field("max_tokens"))
+            }
+            RouteKind::V1Responses => ("max_output_tokens", CapMember::Field("max_output_tokens")),
+            _ => return None,
+        };
+        if members.get(name).is_some() || edits.iter().any(|(edited, _)| *edited == name) {
+            return None;
+        }
+        let at = body.trim_ascii_end().len().checked_sub(1)?;
+        // A model route's body has a `model` member, so the cap always follows a comma; a body
+        // that is not an object with members takes the general path.
+        let before = body[..at].trim_ascii_end();
+        (body[at] == b'}' && !matches!(before.last(), None | Some(b'{')))
+            .then_some(Self { at, member })
+    }
+
+    /// `body` (the one the slot was found in) with the cap written into it.
+    pub fn write(&self, body: &[u8], cap: u64) -> Option<bytes::Bytes> {
+        let (head, tail) = (body.get(..self.at)?, body.get(self.at..)?);
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(cap).as_bytes();
+        let mut out = Vec::with_capacity(body.len() + 48);
+        out.extend_from_slice(head);
+        match self.member {
+            CapMember::NativeOptions => {
+                out.extend_from_slice(br#","options":{"num_predict":"#);
+                out.extend_from_slice(digits);
+                out.push(b'}');
+            }
+            CapMember::Field(name) => {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(digits);
+            }
+        }
+        out.extend_from_slice(tail);
+        Some(out.into())
+    }
+}
+
 fn positive(v: Option<&Value>) -> Option<i64> {
     v.and_then(Value::as_i64).filter(|n| *n > 0)
 }
@@ -360,5 +434,101 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["max_output_tokens"], 10);
+    }
+
+    /// The body the general path writes: parse, [`output_cap_edit`], [`Members::edited`].
+    fn capped_by_edit(route: RouteKind, body: &[u8], cap: u64) -> Value {
+        let members = Members::unchecked(body).unwrap();
+        let edits = output_cap_edit(route, &members, cap).unwrap();
+        serde_json::from_slice(&members.edited(&edits).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_cap_slot_writes_what_the_general_edit_writes() {
+        let p = principal(None, None, None);
+        let cases: &[(RouteKind, &str)] = &[
+            (
+                RouteKind::ApiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"}"}]}"#,
+            ),
+            (
+                RouteKind::ApiGenerate,
+                "{ \"model\" : \"m\", \"prompt\":\"x\" } \n ",
+            ),
+            (
+                RouteKind::ApiChat,
+                r#"{"model":"m","keep_alive":"0.5s","stream":true}"#,
+            ),
+            (
+                RouteKind::V1ChatCompletions,
+                r#"{"model":"m","stream":true,"messages":[]}"#,
+            ),
+            (RouteKind::V1Completions, r#"{"model":"m","prompt":"a"}"#),
+            (
+                RouteKind::V1Responses,
+                "{\"model\":\"m\",\"input\":\"hi\"}\r\n",
+            ),
+        ];
+        for (route, body) in cases {
+            let members = Members::of(body.as_bytes()).unwrap();
+            let mut edits = clamp(*route, &members, &p).unwrap().edits;
+            if *route == RouteKind::V1ChatCompletions {
+                edits.push(members.include_usage_edit().unwrap());
+            }
+            let sent = if edits.is_empty() {
+                bytes::Bytes::copy_from_slice(body.as_bytes())
+            } else {
+                members.edited(&edits).unwrap()
+            };
+            let slot = CapSlot::find(*route, &members, &edits, &sent)
+                .unwrap_or_else(|| panic!("no slot in {body}"));
+            for cap in [0, 7, u64::MAX] {
+                let written = slot.write(&sent, cap).unwrap();
+                let got: Value = serde_json::from_slice(&written)
+                    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&written)));
+                assert_eq!(got, capped_by_edit(*route, &sent, cap), "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_that_carries_the_cap_member_has_no_slot() {
+        let p = principal(None, None, None);
+        for (route, body) in [
+            (
+                RouteKind::ApiChat,
+                r#"{"model":"m","options":{"temperature":1}}"#,
+            ),
+            (RouteKind::ApiChat, r#"{"model":"m","options":null}"#),
+            (
+                RouteKind::V1ChatCompletions,
+                r#"{"model":"m","max_tokens":null}"#,
+            ),
+            (
+                RouteKind::V1Responses,
+                r#"{"model":"m","max_output_tokens":0}"#,
+            ),
+            (RouteKind::ApiEmbed, r#"{"model":"m","input":"x"}"#),
+            (RouteKind::ApiShow, r#"{"model":"m"}"#),
+        ] {
+            let members = Members::of(body.as_bytes()).unwrap();
+            let edits = clamp(route, &members, &p).unwrap().edits;
+            assert_eq!(
+                CapSlot::find(route, &members, &edits, body.as_bytes()),
+                None,
+                "{body}"
+            );
+        }
+        // A policy that writes `options` itself leaves the cap to the general edit.
+        let capped = principal(Some(100), None, None);
+        let body = r#"{"model":"m","options":{"num_ctx":4096}}"#;
+        let members = Members::of(body.as_bytes()).unwrap();
+        let edits = clamp(RouteKind::ApiChat, &members, &capped).unwrap().edits;
+        assert!(!edits.is_empty());
+        let sent = members.edited(&edits).unwrap();
+        assert_eq!(
+            CapSlot::find(RouteKind::ApiChat, &members, &edits, &sent),
+            None
+        );
     }
 }

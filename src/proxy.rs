@@ -99,6 +99,8 @@ pub struct RequestCtx {
     pub prompt_bound: u64,
     /// The request's own output cap after the policy clamps (`None`: unlimited).
     pub output_cap: Option<u64>,
+    /// Where a budget's cap goes in `body` without a second parse (see [`policy::CapSlot`]).
+    cap_slot: Option<policy::CapSlot>,
     /// Names this request's usage in Redis, the audit row and `budget_usage`.
     pub event_id: uuid::Uuid,
     /// The UTC day the request was charged to, once it was admitted upstream.
@@ -353,6 +355,14 @@ impl Gateway {
         let edited = (!edits.is_empty())
             .then(|| members.edited(&edits))
             .transpose()?;
+        if clamped.output_cap.is_none() {
+            ctx.cap_slot = policy::CapSlot::find(
+                route.kind,
+                &members,
+                &edits,
+                edited.as_deref().unwrap_or(&bytes),
+            );
+        }
         drop(members);
         let bytes = edited.unwrap_or(bytes);
         if limits::counts_tokens(principal) && route.kind.consumes_tokens() {
@@ -389,7 +399,12 @@ impl Gateway {
         let clamp = admission.as_ref().and_then(|a| a.clamp_output);
         // Held by the CTX first: whatever happens next, `logging` settles it.
         ctx.admission = admission;
-        if let (Some(cap), Some(route), Some(body)) = (clamp, ctx.route.as_ref(), ctx.body.as_ref())
+        if let (Some(cap), Some(slot), Some(body)) = (clamp, ctx.cap_slot, ctx.body.as_ref())
+            && let Some(capped) = slot.write(body, cap)
+        {
+            ctx.body = Some(capped);
+        } else if let (Some(cap), Some(route), Some(body)) =
+            (clamp, ctx.route.as_ref(), ctx.body.as_ref())
         {
             // One parse serves the edit's `options` and the rewrite.
             let members = body::Members::unchecked(body)?;
@@ -463,7 +478,7 @@ impl Gateway {
 }
 
 /// The audit row of a finished request (SPEC §9): never prompt content, nothing secret.
-fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
+fn audit_event(session: &Session, ctx: &RequestCtx, status: u16, total: Duration) -> AuditEvent {
     let req = session.req_header();
     let principal = ctx.principal.as_deref();
     let outcome = ctx.outcome.as_ref();
@@ -499,7 +514,7 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
         ttfb_ms: ctx
             .first_byte_at
             .map(|t| (t - ctx.started).as_secs_f64() * 1e3),
-        latency_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
+        latency_ms: total.as_secs_f64() * 1e3,
         user_agent: header(http::header::USER_AGENT),
         usage_day: ctx.usage_day,
         prompt: None,
@@ -507,21 +522,21 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16) -> AuditEvent {
 }
 
 /// OpenAI's rate-limit header names: limit, remaining, reset.
-const RATE_HEADERS_REQUESTS: [&str; 3] = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
+const RATE_HEADERS_REQUESTS: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-ratelimit-limit-requests"),
+    http::HeaderName::from_static("x-ratelimit-remaining-requests"),
+    http::HeaderName::from_static("x-ratelimit-reset-requests"),
 ];
-const RATE_HEADERS_TOKENS: [&str; 3] = [
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
+const RATE_HEADERS_TOKENS: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-ratelimit-limit-tokens"),
+    http::HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    http::HeaderName::from_static("x-ratelimit-reset-tokens"),
 ];
 
 /// Writes the `x-ratelimit-*` headers. Their values are slices of one buffer instead of an
-/// allocation each (Pingora already allocates twice for every custom header name).
+/// allocation each.
 fn rate_limit_headers(
-    resp: &mut ResponseHeader,
+    resp: &mut http::HeaderMap,
     h: &crate::limits::RateHeaders,
 ) -> pingora::Result<()> {
     let mut buf = BytesMut::with_capacity(64);
@@ -543,9 +558,9 @@ fn rate_limit_headers(
         };
         for (name, n) in [(limit_name, limit), (remaining_name, remaining)] {
             buf.extend_from_slice(digits.format(n).as_bytes());
-            resp.insert_header(name, value(&mut buf)?)?;
+            resp.insert(name, value(&mut buf)?);
         }
-        resp.insert_header(reset_name, reset.clone())?;
+        resp.insert(reset_name, reset.clone());
     }
     Ok(())
 }
@@ -703,6 +718,7 @@ impl ProxyHttp for Gateway {
             // Routes without a model body (listings, version) spend no tokens; model routes
             // set their own cap in `check_model`.
             output_cap: Some(0),
+            cap_slot: None,
             // Time-ordered, so the audit rows' primary-key index grows at its right edge
             // instead of taking every insert on a random page.
             event_id: uuid::Uuid::now_v7(),
@@ -727,8 +743,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
-        ctx.started = Instant::now();
-        ctx.started_at = chrono::Utc::now();
+        // `started` is from `new_ctx`, which Pingora calls once the request head is read.
         ctx.client_ip = self.find_client_ip(session);
         ctx.request_id = request_id::accept_or_mint(
             session
@@ -844,12 +859,8 @@ impl ProxyHttp for Gateway {
             target,
             &ctx.path_and_query,
             &ctx.request_id,
-        )?;
-        if let Some(body) = &ctx.body {
-            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
-            upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        }
-        Ok(())
+            ctx.body.as_ref().map(Bytes::len),
+        )
     }
 
     async fn request_body_filter(
@@ -918,24 +929,30 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
-        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(a) = ctx.admission.as_ref() {
-            rate_limit_headers(upstream_response, &a.headers)?;
-        }
-        // Only the gateway's CORS policy applies, never Ollama's own.
-        let upstream_cors: Vec<http::HeaderName> = upstream_response
-            .headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("access-control-"))
-            .cloned()
-            .collect();
-        for name in upstream_cors {
-            upstream_response.remove_header(&name);
-        }
-        for (k, v) in &ctx.cors {
-            upstream_response.insert_header(k.clone(), v.clone())?;
-        }
-        Ok(())
+        let request_id = http::HeaderValue::from_str(&ctx.request_id).map_err(|e| {
+            pingora::Error::because(ErrorType::InternalError, "request id header value", e)
+        })?;
+        crate::head::edit_response(upstream_response, |parts| {
+            let headers = &mut parts.headers;
+            headers.reserve(8 + ctx.cors.len());
+            headers.insert(crate::upstream::X_REQUEST_ID, request_id);
+            if let Some(a) = ctx.admission.as_ref() {
+                rate_limit_headers(headers, &a.headers)?;
+            }
+            // Only the gateway's CORS policy applies, never Ollama's own.
+            let upstream_cors: Vec<http::HeaderName> = headers
+                .keys()
+                .filter(|k| k.as_str().starts_with("access-control-"))
+                .cloned()
+                .collect();
+            for name in upstream_cors {
+                headers.remove(&name);
+            }
+            for (k, v) in &ctx.cors {
+                headers.insert(k.clone(), v.clone());
+            }
+            Ok(())
+        })
     }
 
     fn response_body_filter(
@@ -1059,6 +1076,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let total = ctx.started.elapsed();
         let client_gone = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
         let route = ctx.route.as_ref().map_or("-", Route::label);
         let principal = ctx.principal.as_deref();
@@ -1076,7 +1094,7 @@ impl ProxyHttp for Gateway {
         // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
         // balancers; they are counted in metrics, not audited.
         if !ctx.route.as_ref().is_some_and(Route::is_gateway_endpoint) {
-            let mut event = audit_event(session, ctx, status);
+            let mut event = audit_event(session, ctx, status, total);
             // Only what went upstream has a transcript worth keeping.
             if ctx.usage_day.is_some()
                 && let Some(capture) = ctx.prompt.take()
@@ -1097,7 +1115,7 @@ impl ProxyHttp for Gateway {
             surface: ctx.surface.as_str(),
             route,
             status,
-            total: ctx.started.elapsed(),
+            total,
             upstream,
             upstream_ttfb: ctx
                 .upstream_sent_at
@@ -1119,7 +1137,7 @@ impl ProxyHttp for Gateway {
             model = ctx.model.as_deref(),
             client_ip = ctx.client_ip.map(|ip| ip.to_string()),
             ttfb_ms = ctx.first_byte_at.map(|t| (t - ctx.started).as_secs_f64() * 1e3),
-            latency_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
+            latency_ms = total.as_secs_f64() * 1e3,
             prompt_tokens = outcome.map(|o| o.usage.prompt_tokens),
             completion_tokens = outcome.map(|o| o.usage.completion_tokens),
             usage_reported = outcome.map(|o| o.reported),

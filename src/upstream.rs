@@ -36,6 +36,8 @@ const STRIPPED: [http::HeaderName; 13] = [
     http::header::ORIGIN,
 ];
 
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 pub struct Upstreams {
     targets: Vec<UpstreamTarget>,
     /// Each target's address, per index: fixed for an IP literal, refreshed by model discovery
@@ -183,17 +185,20 @@ impl Upstreams {
     }
 
     /// Rewrites the client's request into what target `index` receives.
+    /// `body_len`: the length of the body the gateway sends in place of the client's (it goes
+    /// with `Content-Length`, never chunked).
     pub fn prepare_proxied(
         &self,
         req: &mut RequestHeader,
         index: usize,
         path_and_query: &str,
         request_id: &str,
+        body_len: Option<usize>,
     ) -> pingora::Result<()> {
         let host = self.host_headers.get(index).cloned().ok_or_else(|| {
             pingora::Error::explain(pingora::ErrorType::InternalError, "no such upstream")
         })?;
-        self.rewrite(req, host, path_and_query, request_id)
+        self.rewrite(req, host, path_and_query, request_id, body_len)
     }
 
     /// Rewrites a request into what `target` receives (probes and discovery).
@@ -207,7 +212,7 @@ impl Upstreams {
         let host = HeaderValue::from_str(&target.host_header()).map_err(|_| {
             pingora::Error::explain(pingora::ErrorType::InternalError, "invalid upstream host")
         })?;
-        self.rewrite(req, host, path_and_query, request_id)
+        self.rewrite(req, host, path_and_query, request_id, None)
     }
 
     fn rewrite(
@@ -216,6 +221,7 @@ impl Upstreams {
         host: HeaderValue,
         path_and_query: &str,
         request_id: &str,
+        body_len: Option<usize>,
     ) -> pingora::Result<()> {
         // The canonical path only holds RFC 3986 path characters, so this cannot fail; if it
         // ever did, refusing beats forwarding the client's raw URI.
@@ -225,13 +231,23 @@ impl Upstreams {
                 "canonical path is not a URI",
             )
         })?;
-        req.set_uri(uri);
-        strip_client_headers(req);
-        req.insert_header(http::header::HOST, host)?;
-        if let Some(value) = &self.auth_value {
-            req.insert_header(self.auth_header.clone(), value.clone())?;
-        }
-        req.insert_header("x-request-id", request_id)?;
+        let request_id = HeaderValue::from_str(request_id).map_err(|_| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "invalid request id")
+        })?;
+        crate::head::edit_request(req, |parts| {
+            parts.uri = uri;
+            let headers = &mut parts.headers;
+            strip_client_headers(headers);
+            headers.insert(http::header::HOST, host);
+            if let Some(value) = &self.auth_value {
+                headers.insert(self.auth_header.clone(), value.clone());
+            }
+            headers.insert(X_REQUEST_ID, request_id);
+            if let Some(len) = body_len {
+                headers.remove(http::header::TRANSFER_ENCODING);
+                headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+        });
         Ok(())
     }
 
@@ -340,9 +356,8 @@ fn auth_header_value(
 
 /// Removes the client's credentials and hop-by-hop headers, including any header the client
 /// named in `Connection` (RFC 9110 §7.6.1).
-pub fn strip_client_headers(req: &mut RequestHeader) {
-    let named: Vec<String> = req
-        .headers
+pub fn strip_client_headers(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -361,8 +376,8 @@ pub fn strip_client_headers(req: &mut RequestHeader) {
     };
     // The request's own few names are walked, not the list looked up by name: a lookup by a
     // `&str` parses that name each time.
-    while let Some(name) = req.headers.keys().find(|n| doomed(n)).cloned() {
-        req.remove_header(&name);
+    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+        headers.remove(&name);
     }
 }
 
@@ -393,7 +408,7 @@ mod tests {
         ] {
             req.append_header(k, v).unwrap();
         }
-        strip_client_headers(&mut req);
+        crate::head::edit_request(&mut req, |parts| strip_client_headers(&mut parts.headers));
         for gone in [
             "authorization",
             "cookie",
@@ -452,8 +467,21 @@ mod tests {
         );
         assert!(u.peer_at(1).is_none());
         let mut req = RequestHeader::build("GET", b"/api/tags", None).unwrap();
-        u.prepare_proxied(&mut req, 0, "/api/tags", "rid").unwrap();
+        u.prepare_proxied(&mut req, 0, "/api/tags", "rid", None)
+            .unwrap();
         assert_eq!(req.headers.get("host").unwrap(), "localhost:11435");
+        assert_eq!(req.headers["x-request-id"], "rid");
+        // A body the gateway rewrote goes with its own length, never chunked.
+        let mut req = RequestHeader::build("POST", b"/API/Chat?x=1", None).unwrap();
+        req.append_header("Transfer-Encoding", "chunked").unwrap();
+        req.append_header("Authorization", "Bearer nz_client")
+            .unwrap();
+        u.prepare_proxied(&mut req, 0, "/api/chat?x=1", "rid", Some(42))
+            .unwrap();
+        assert_eq!(req.raw_path(), b"/api/chat?x=1");
+        assert_eq!(req.headers["content-length"], "42");
+        assert!(req.headers.get("transfer-encoding").is_none());
+        assert!(req.headers.get("authorization").is_none());
     }
 
     #[test]

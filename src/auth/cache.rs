@@ -64,7 +64,8 @@ pub enum LocalHit {
 }
 
 pub struct PrincipalCache {
-    local: RwLock<HashMap<TokenDigest, Entry>>,
+    /// foldhash, not SipHash: a digest is an HMAC the caller cannot aim at a bucket.
+    local: RwLock<HashMap<TokenDigest, Entry, foldhash::fast::RandomState>>,
     ttl: Duration,
     negative_ttl: Duration,
     redis: Option<Client>,
@@ -83,7 +84,7 @@ impl PrincipalCache {
         ns: &str,
     ) -> Self {
         Self {
-            local: RwLock::new(HashMap::new()),
+            local: RwLock::new(HashMap::default()),
             ttl,
             negative_ttl,
             redis,

@@ -59,8 +59,9 @@ const REMEMBERED_PER_SUBJECT: usize = 32;
 
 #[derive(Default)]
 struct Recent {
-    keys: HashMap<i64, Vec<(Change, Instant)>>,
-    tenants: HashMap<i64, Vec<(Change, Instant)>>,
+    // Read by every request; the ids are the operator's, so a fast hash is safe.
+    keys: HashMap<i64, Vec<(Change, Instant)>, foldhash::fast::RandomState>,
+    tenants: HashMap<i64, Vec<(Change, Instant)>, foldhash::fast::RandomState>,
 }
 
 impl ChangeLog {

@@ -140,8 +140,9 @@ struct Late {
 
 #[derive(Default)]
 struct State {
-    windows: HashMap<ScopeName, Window>,
-    budgets: HashMap<ScopeName, Counters>,
+    // Scopes are the operator's tenants and keys: a fast hash is safe.
+    windows: HashMap<ScopeName, Window, foldhash::fast::RandomState>,
+    budgets: HashMap<ScopeName, Counters, foldhash::fast::RandomState>,
     /// The minute idle windows were last dropped.
     swept: u64,
 }
