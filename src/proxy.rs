@@ -76,7 +76,7 @@ pub struct RequestCtx {
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub surface: Surface,
     pub route: Option<Route>,
-    pub path_and_query: String,
+    pub path_and_query: std::borrow::Cow<'static, str>,
     pub client_ip: Option<IpAddr>,
     pub principal: Option<Arc<Principal>>,
     pub body: Option<Bytes>,
@@ -223,7 +223,7 @@ impl Gateway {
         }
         let route = routes::classify(&req.method, &normalized)?;
         ctx.path_and_query = match req.uri.query() {
-            Some(q) => format!("{}?{q}", route.path),
+            Some(q) => format!("{}?{q}", route.path).into(),
             None => route.path.clone(),
         };
         Ok(Arrival::Route(route))
@@ -477,8 +477,14 @@ impl Gateway {
     }
 }
 
-/// The audit row of a finished request (SPEC §9): never prompt content, nothing secret.
-fn audit_event(session: &Session, ctx: &RequestCtx, status: u16, total: Duration) -> AuditEvent {
+/// The audit row of a finished request (SPEC §9): never prompt content, nothing secret. Takes
+/// the CTX's strings instead of copying them: it is the request's last use of them.
+fn audit_event(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    total: Duration,
+) -> AuditEvent {
     let req = session.req_header();
     let principal = ctx.principal.as_deref();
     let outcome = ctx.outcome.as_ref();
@@ -491,18 +497,18 @@ fn audit_event(session: &Session, ctx: &RequestCtx, status: u16, total: Duration
     AuditEvent {
         event_id: ctx.event_id,
         ts: ctx.started_at,
-        request_id: ctx.request_id.clone(),
+        request_id: std::mem::take(&mut ctx.request_id),
         tenant_id: principal.map(|p| p.tenant_id),
         key_id: principal.map(|p| p.key_id),
         key_prefix: principal.map(|p| p.key_prefix.clone()),
         client_ip: ctx.client_ip.map(|ip| ip.to_string()),
         method: audit::bounded(req.method.as_str(), 16),
-        path: ctx
-            .route
-            .as_ref()
-            .map_or_else(|| audit::bounded(req.uri.path(), 512), |r| r.path.clone()),
+        path: ctx.route.take().map_or_else(
+            || audit::bounded(req.uri.path(), 512),
+            |r| r.path.into_owned(),
+        ),
         surface: ctx.surface.as_str().to_string(),
-        model: ctx.model.clone(),
+        model: ctx.model.take(),
         stream: ctx.stream,
         status: i32::from(status),
         upstream_status: ctx.upstream_status.map(i32::from),
@@ -700,7 +706,7 @@ impl ProxyHttp for Gateway {
             started_at: chrono::Utc::now(),
             surface: Surface::Native,
             route: None,
-            path_and_query: String::new(),
+            path_and_query: std::borrow::Cow::Borrowed(""),
             client_ip: None,
             principal: None,
             body: None,
@@ -1079,33 +1085,19 @@ impl ProxyHttp for Gateway {
         let total = ctx.started.elapsed();
         let client_gone = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
         let route = ctx.route.as_ref().map_or("-", Route::label);
-        let principal = ctx.principal.as_deref();
+        let principal = ctx.principal.clone();
+        let principal = principal.as_deref();
         // A client that went away never brought the body to its end: count what was seen.
         if ctx.outcome.is_none()
             && let Some(scanner) = ctx.scanner.as_ref()
         {
             ctx.outcome = Some(scanner.finish(ctx.request_body_len));
         }
-        let outcome = ctx.outcome.as_ref();
         if let Some(admission) = ctx.admission.take() {
-            let actual = outcome.map_or(0, |o| o.usage.total());
+            let actual = ctx.outcome.as_ref().map_or(0, |o| o.usage.total());
             self.state.limiter.settle(admission, actual);
         }
-        // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
-        // balancers; they are counted in metrics, not audited.
-        if !ctx.route.as_ref().is_some_and(Route::is_gateway_endpoint) {
-            let mut event = audit_event(session, ctx, status, total);
-            // Only what went upstream has a transcript worth keeping.
-            if ctx.usage_day.is_some()
-                && let Some(capture) = ctx.prompt.take()
-            {
-                let ttl = principal
-                    .and_then(|p| p.prompt_log_ttl_s)
-                    .unwrap_or(DEFAULT_PROMPT_LOG_TTL_S);
-                event.prompt = Some(Box::new(capture.record(ttl)));
-            }
-            self.state.audit.send(event).await;
-        }
+        let outcome = ctx.outcome.as_ref();
         let upstream = ctx.upstream_sent_at.map(|sent| {
             ctx.upstream_done_at
                 .unwrap_or_else(Instant::now)
@@ -1144,5 +1136,19 @@ impl ProxyHttp for Gateway {
             stream_completed = outcome.map(|o| o.completed),
             "request"
         );
+        // Health probes (`/healthz`, `/readyz`, `/`) come every few seconds from load
+        // balancers; they are counted in metrics, not audited.
+        if !ctx.route.as_ref().is_some_and(Route::is_gateway_endpoint) {
+            // Only what went upstream has a transcript worth keeping.
+            let prompt = ctx.prompt.take().filter(|_| ctx.usage_day.is_some());
+            let mut event = audit_event(session, ctx, status, total);
+            if let Some(capture) = prompt {
+                let ttl = principal
+                    .and_then(|p| p.prompt_log_ttl_s)
+                    .unwrap_or(DEFAULT_PROMPT_LOG_TTL_S);
+                event.prompt = Some(Box::new(capture.record(ttl)));
+            }
+            self.state.audit.send(event).await;
+        }
     }
 }

@@ -78,8 +78,9 @@ pub struct Route {
     pub kind: RouteKind,
     /// The `{model}` segment of `/v1/models/{model}`.
     pub path_model: Option<String>,
-    /// The canonical path forwarded upstream.
-    pub path: String,
+    /// The canonical path forwarded upstream: the route table's own text for every route
+    /// without a path parameter, so a route is copied without an allocation.
+    pub path: std::borrow::Cow<'static, str>,
     pub surface: Surface,
 }
 
@@ -268,15 +269,15 @@ pub const ROUTE_TABLE: &[(&str, RouteKind, &[Method])] = &[
 
 /// Classifies a request on its normalised path.
 pub fn classify(method: &Method, normalized: &str) -> Result<Route, GatewayError> {
-    let (kind, allowed, path_model) = ROUTE_TABLE
+    let (kind, allowed, path_model, pattern) = ROUTE_TABLE
         .iter()
         .find_map(
             |(pattern, kind, methods)| match pattern.strip_suffix("{model}") {
-                None => (*pattern == normalized).then_some((*kind, *methods, None)),
+                None => (*pattern == normalized).then_some((*kind, *methods, None, Some(*pattern))),
                 Some(prefix) => normalized
                     .strip_prefix(prefix)
                     .filter(|m| !m.is_empty() && !m.contains('/'))
-                    .map(|m| (*kind, *methods, Some(m.to_string()))),
+                    .map(|m| (*kind, *methods, Some(m.to_string()), None)),
             },
         )
         .ok_or(GatewayError::RouteNotFound)?;
@@ -285,7 +286,7 @@ pub fn classify(method: &Method, normalized: &str) -> Result<Route, GatewayError
     }
     Ok(Route {
         surface: surface_of(normalized),
-        path: normalized.to_string(),
+        path: pattern.map_or_else(|| normalized.to_string().into(), std::borrow::Cow::Borrowed),
         kind,
         path_model,
     })

@@ -39,6 +39,9 @@ pub fn is_plain_frame(line: &[u8]) -> bool {
     if line.first() != Some(&b'{') || line.last() != Some(&b'}') {
         return false;
     }
+    if is_ollama_content_frame(line) {
+        return true;
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut start = 0;
@@ -100,6 +103,41 @@ pub fn is_plain_frame(line: &[u8]) -> bool {
         word_start += 8;
     }
     !in_string && depth == 0
+}
+
+/// Ollama's own content frames, members in the order its encoder writes them:
+/// `{"model":M,"created_at":T,"message":{"role":"assistant","content":C},"done":false}` and
+/// `{"model":M,"created_at":T,"response":C,"done":false}`. The fixed parts are compared whole
+/// and each string value is found with one search, so such a line costs a few comparisons
+/// instead of a visit to every quote and bracket. A line matching neither shape takes the
+/// general test below; a line that matches is one the general test accepts too (the tests
+/// check both on generated lines).
+fn is_ollama_content_frame(line: &[u8]) -> bool {
+    let content_frame = || {
+        let rest = string_value(line.strip_prefix(br#"{"model":""#)?)?;
+        let rest = string_value(rest.strip_prefix(br#","created_at":""#)?)?;
+        let rest = match rest.strip_prefix(br#","message":{"role":"assistant","content":""#) {
+            Some(chat) => string_value(chat)?.strip_prefix(b"}")?,
+            None => string_value(rest.strip_prefix(br#","response":""#)?)?,
+        };
+        Some(rest == br#","done":false}"#)
+    };
+    content_frame() == Some(true)
+}
+
+/// `rest` starts inside a string: the bytes after its closing quote, when the string is one
+/// [`harmless_string`] lets pass.
+fn string_value(rest: &[u8]) -> Option<&[u8]> {
+    let mut from = 0;
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', rest.get(from..)?)?;
+        if rest[at] == b'"' {
+            let after = &rest[at + 1..];
+            return harmless_string(&rest[..at], after).then_some(after);
+        }
+        // The escaped byte is string content whatever it is.
+        from = at + 2;
+    }
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -250,6 +288,46 @@ mod tests {
         }
         // The generator reaches both answers.
         assert!(plain > 1_000, "{plain}");
+        // Ollama's own shapes, with every piece in every string.
+        let mut fast = 0;
+        for _ in 0..100_000 {
+            // Some values are exactly a name accounting reads.
+            const WORDS: &[&[u8]] = &[b"done", b"error", b"type", b"usage", b"eval_count"];
+            let mut value = || {
+                if next() % 8 == 0 {
+                    return WORDS[(next() % WORDS.len() as u64) as usize].to_vec();
+                }
+                let mut v = Vec::new();
+                for _ in 0..next() % 4 {
+                    v.extend_from_slice(PIECES[(next() % PIECES.len() as u64) as usize]);
+                }
+                v
+            };
+            let (model, at, content) = (value(), value(), value());
+            let mut line = br#"{"model":""#.to_vec();
+            line.extend_from_slice(&model);
+            line.extend_from_slice(br#"","created_at":""#);
+            line.extend_from_slice(&at);
+            if next() % 2 == 0 {
+                line.extend_from_slice(br#"","message":{"role":"assistant","content":""#);
+                line.extend_from_slice(&content);
+                line.extend_from_slice(br#""},"done":false}"#);
+            } else {
+                line.extend_from_slice(br#"","response":""#);
+                line.extend_from_slice(&content);
+                line.extend_from_slice(br#"","done":false}"#);
+            }
+            let expected = bytewise(&line);
+            fast += usize::from(is_ollama_content_frame(&line));
+            assert_eq!(
+                is_plain_frame(&line),
+                expected,
+                "{}",
+                String::from_utf8_lossy(&line)
+            );
+            assert!(!is_ollama_content_frame(&line) || expected);
+        }
+        assert!(fast > 10_000, "{fast}");
     }
 
     #[test]
