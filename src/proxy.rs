@@ -697,10 +697,13 @@ fn classify_proxy_error(e: &Error) -> Option<GatewayError> {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora holds the CTX by value in the future of every request, and rustc copies
+    /// a future's whole state as it is built and awaited. 1 KiB of CTX made those copies
+    /// 3.4 KiB longer per request than a passthrough's; a pointer makes them the same.
+    type CTX = Box<RequestCtx>;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx {
+        Box::new(RequestCtx {
             request_id: String::new(),
             started: Instant::now(),
             started_at: chrono::Utc::now(),
@@ -741,7 +744,7 @@ impl ProxyHttp for Gateway {
             upstream_done_at: None,
             error: None,
             cors: Vec::new(),
-        }
+        })
     }
 
     async fn request_filter(
