@@ -57,12 +57,27 @@ pub async fn read_whole(session: &mut Session, limit: usize) -> Result<Bytes, Ga
             .await
             .map_err(|_| GatewayError::BadRequest("client went away".into()))?;
     }
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, read_loop(session, declared, limit)).await;
+    let read = within(BODY_READ_TIMEOUT, read_loop(session, declared, limit)).await;
     if expects_continue {
         // Writing the 100 turned keep-alive off (response before body); the body is read now.
         session.set_keepalive(keepalive);
     }
     read.map_err(|_| GatewayError::RequestTimeout)?
+}
+
+/// `tokio::time::timeout`, armed only if `read` has to wait: a body that came with its head
+/// is read at once, and a timer registered and cancelled per request would cost more than the
+/// read.
+async fn within<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    let mut read = std::pin::pin!(read);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(done) => Ok(done),
+        std::task::Poll::Pending => tokio::time::timeout(limit, read).await,
+    }
 }
 
 fn declared_length(session: &Session) -> Result<Option<usize>, GatewayError> {
@@ -139,7 +154,8 @@ impl<'de> serde::Deserialize<'de> for MemberList<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
+                // Room for a typical request's members without growing.
+                let mut out = Vec::with_capacity(8);
                 while let Some(MemberKey(k)) = map.next_key::<MemberKey<'de>>()? {
                     out.push((k, map.next_value::<&'de RawValue>()?));
                 }
@@ -404,6 +420,18 @@ pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_read_deadline_holds_only_for_a_read_that_waits() {
+        assert_eq!(within(Duration::ZERO, async { 7 }).await.ok(), Some(7));
+        let waits = async {
+            tokio::task::yield_now().await;
+            8
+        };
+        assert_eq!(within(Duration::from_secs(5), waits).await.ok(), Some(8));
+        let never = std::future::pending::<()>();
+        assert!(within(Duration::from_millis(20), never).await.is_err());
+    }
 
     fn model_of(body: &str) -> Result<String, GatewayError> {
         parse(body.as_bytes(), ModelField::Model).map(|p| p.model)

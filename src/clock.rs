@@ -5,6 +5,7 @@
 //! production, where the offset stays 0). Only budget periods use this clock; latencies, rate
 //! windows and leases use the real one.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -19,6 +20,31 @@ static OFFSET_SECS: AtomicI64 = AtomicI64::new(0);
 /// Now, as budget periods see it.
 pub fn now() -> DateTime<Utc> {
     Utc::now() + TimeDelta::seconds(OFFSET_SECS.load(Ordering::Relaxed))
+}
+
+/// The periods of now, as budget periods see it. Every admission asks; the calendar
+/// arithmetic runs once per UTC day and thread.
+pub fn periods_now() -> Periods {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .saturating_add(OFFSET_SECS.load(Ordering::Relaxed));
+    periods_at_unix(secs)
+}
+
+fn periods_at_unix(secs: i64) -> Periods {
+    let day = secs.div_euclid(86_400);
+    thread_local! {
+        static LAST: Cell<Option<(i64, Periods)>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| match last.get() {
+        Some((seen, periods)) if seen == day => periods,
+        _ => {
+            let periods = Periods::at(DateTime::from_timestamp(secs, 0).unwrap_or_default());
+            last.set(Some((day, periods)));
+            periods
+        }
+    })
 }
 
 /// Reads the offset file once (the CLI) or whenever it changes (the server, via [`OffsetFile`]).
@@ -108,6 +134,23 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn cached_periods_change_with_the_utc_day() {
+        let midnight = at("2026-12-31T00:00:00Z").timestamp();
+        // Same day, the next day, back to an earlier day, a month and a year later.
+        for secs in [
+            midnight + 5,
+            midnight + 86_399,
+            midnight + 86_400,
+            midnight - 1,
+            midnight + 86_400 * 32,
+            midnight,
+        ] {
+            let want = Periods::at(DateTime::from_timestamp(secs, 0).unwrap());
+            assert_eq!(periods_at_unix(secs), want, "{secs}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use pingora::server::ShutdownWatch;
@@ -36,11 +37,16 @@ pub struct Catalog {
     pub fetched_at: DateTime<Utc>,
 }
 
+/// Canonical names of remote models. Names are hashed only to be looked up (the set is built
+/// from the upstream's listing), so a fast hash is safe.
+type RemoteSet = std::collections::HashSet<String, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct Discovery {
     current: RwLock<Option<Arc<Catalog>>>,
-    /// Canonical names of remote models, for the request path.
-    remote: RwLock<std::collections::HashSet<String>>,
+    /// Read by every model request: swapped whole by the poller, read without a lock (a
+    /// lock's counter would be written by every worker thread in turn).
+    remote: ArcSwap<RemoteSet>,
 }
 
 impl Discovery {
@@ -50,20 +56,19 @@ impl Discovery {
 
     /// A model the upstream serves from ollama.com, whatever its name says.
     pub fn is_remote(&self, model: &ModelName) -> bool {
-        self.remote.read().is_ok_and(|r| r.contains(model.as_str()))
+        let remote = self.remote.load();
+        !remote.is_empty() && remote.contains(model.as_str())
     }
 
     fn replace(&self, catalog: Catalog) {
-        let remote = catalog
+        let remote: RemoteSet = catalog
             .models
             .iter()
             .filter(|m| m.remote)
             .filter_map(|m| ModelName::parse(&m.name))
-            .map(|m| m.as_str().to_string())
+            .map(ModelName::into_string)
             .collect();
-        if let Ok(mut r) = self.remote.write() {
-            *r = remote;
-        }
+        self.remote.store(Arc::new(remote));
         if let Ok(mut c) = self.current.write() {
             *c = Some(Arc::new(catalog));
         }

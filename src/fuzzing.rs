@@ -80,7 +80,7 @@ pub fn paths(data: &[u8]) {
     assert!(path.starts_with('/'), "{path:?}");
     assert_eq!(
         routes::normalize_path(&path).ok().as_deref(),
-        Some(path.as_str()),
+        Some(path.as_ref()),
         "normalising twice"
     );
     let blocked = routes::is_blocked(&path);

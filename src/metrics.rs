@@ -2,14 +2,15 @@
 //! route labels from the route table, statuses, surfaces, reasons and tenant names: never a
 //! key, a prefix, a path the client chose, or anything secret.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use prometheus::core::Collector;
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    register_histogram, register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, register_histogram,
+    register_int_counter_vec, register_int_gauge,
 };
 
 /// Latency buckets from 100 µs (the gateway's own cost) to 10 min (a long generation).
@@ -27,53 +28,58 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     })
 }
 
-fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-    register_histogram_vec!(opts.clone(), labels).unwrap_or_else(|_| {
-        HistogramVec::new(opts, labels).unwrap_or_else(|_| std::process::abort())
-    })
-}
-
-fn histogram(name: &str, help: &str) -> Histogram {
-    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-    register_histogram!(opts.clone())
-        .unwrap_or_else(|_| Histogram::with_opts(opts).unwrap_or_else(|_| std::process::abort()))
-}
-
-pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter_vec(
-        "nz_requests_total",
-        "Requests by surface, route and status",
+/// The per-request series. They are registered through [`PerThread`], which first adds what
+/// each thread has counted since the last scrape.
+static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    unregistered(IntCounterVec::new(
+        Opts::new("nz_requests_total", "Requests by surface, route and status"),
         &["surface", "route", "status"],
-    )
+    ))
 });
-pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    histogram_vec(
-        "nz_request_duration_seconds",
-        "Total request time by surface and route",
+static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    unregistered(HistogramVec::new(
+        latency_opts(
+            "nz_request_duration_seconds",
+            "Total request time by surface and route",
+        ),
         &["surface", "route"],
-    )
+    ))
 });
-pub static OVERHEAD_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
-    histogram(
+static OVERHEAD_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    unregistered(Histogram::with_opts(latency_opts(
         "nz_gateway_overhead_seconds",
         "Time the gateway itself adds: total time minus the time spent waiting on the upstream",
-    )
+    )))
 });
-pub static UPSTREAM_TTFB_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    histogram_vec(
-        "nz_upstream_ttfb_seconds",
-        "Time from sending a request upstream to its response headers",
+static UPSTREAM_TTFB_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    unregistered(HistogramVec::new(
+        latency_opts(
+            "nz_upstream_ttfb_seconds",
+            "Time from sending a request upstream to its response headers",
+        ),
         &["route"],
-    )
+    ))
 });
-pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter_vec(
-        "nz_tokens_total",
-        "Tokens by direction (prompt, completion) and tenant",
+static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    unregistered(IntCounterVec::new(
+        Opts::new(
+            "nz_tokens_total",
+            "Tokens by direction (prompt, completion) and tenant",
+        ),
         &["direction", "tenant"],
-    )
+    ))
 });
+
+fn latency_opts(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
+}
+
+/// Building a metric only fails on invalid names or labels, fixed above and exercised by
+/// every test run.
+fn unregistered<T>(metric: prometheus::Result<T>) -> T {
+    metric.unwrap_or_else(|_| std::process::abort())
+}
+
 pub static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "nz_rate_limit_rejections_total",
@@ -154,103 +160,198 @@ pub struct Finished<'a> {
     pub tokens: Option<(u64, u64)>,
 }
 
-/// A route's labelled series, resolved once per thread: `with_label_values` hashes every
-/// label with SipHash and takes a lock, five times per request otherwise.
-#[derive(Clone)]
-struct RouteSeries {
-    requests: IntCounter,
-    seconds: Histogram,
-}
-
-#[derive(Clone)]
-struct TenantSeries {
-    prompt: IntCounter,
-    completion: IntCounter,
-}
-
-/// Above this many entries a thread's cache starts over (tenant names are operator-made, but
-/// nothing bounds how many there are).
+/// Above this many series a thread's table is flushed and starts over (tenant names are
+/// operator-made, but nothing bounds how many there are).
 const SERIES_CACHE_MAX: usize = 4096;
 
 type RouteKey = (&'static str, &'static str, u16);
+type Fast = foldhash::fast::RandomState;
+
+struct RouteSeries {
+    requests: LocalIntCounter,
+    seconds: LocalHistogram,
+}
+
+struct TenantSeries {
+    prompt: LocalIntCounter,
+    completion: LocalIntCounter,
+}
+
+/// One thread's counts since the last scrape. Shared series are atomics that every worker
+/// thread writes in turn, each write taking the cache line from the other core; here a
+/// request only touches its own thread's memory (`with_label_values` would also hash every
+/// label with SipHash and take a lock, five times per request). The mutex is only ever
+/// contended by a scrape.
+#[derive(Default)]
+struct ThreadSeries {
+    routes: HashMap<RouteKey, RouteSeries, Fast>,
+    ttfb: HashMap<&'static str, LocalHistogram, Fast>,
+    tenants: HashMap<Box<str>, TenantSeries, Fast>,
+    overhead: Option<LocalHistogram>,
+}
+
+impl ThreadSeries {
+    fn flush(&mut self) {
+        for s in self.routes.values() {
+            s.requests.flush();
+            s.seconds.flush();
+        }
+        for h in self.ttfb.values() {
+            h.flush();
+        }
+        for s in self.tenants.values() {
+            s.prompt.flush();
+            s.completion.flush();
+        }
+        if let Some(h) = &self.overhead {
+            h.flush();
+        }
+    }
+
+    fn record(&mut self, f: &Finished<'_>) {
+        if self.routes.len() >= SERIES_CACHE_MAX || self.tenants.len() >= SERIES_CACHE_MAX {
+            self.flush();
+            self.routes.clear();
+            self.tenants.clear();
+        }
+        let route = self
+            .routes
+            .entry((f.surface, f.route, f.status))
+            .or_insert_with(|| {
+                let mut digits = itoa::Buffer::new();
+                RouteSeries {
+                    requests: REQUESTS
+                        .with_label_values(&[f.surface, f.route, digits.format(f.status)])
+                        .local(),
+                    seconds: REQUEST_SECONDS
+                        .with_label_values(&[f.surface, f.route])
+                        .local(),
+                }
+            });
+        route.requests.inc();
+        route.seconds.observe(f.total.as_secs_f64());
+        self.overhead
+            .get_or_insert_with(|| OVERHEAD_SECONDS.local())
+            .observe(overhead(f).as_secs_f64());
+        if let Some(ttfb) = f.upstream_ttfb {
+            self.ttfb
+                .entry(f.route)
+                .or_insert_with(|| UPSTREAM_TTFB_SECONDS.with_label_values(&[f.route]).local())
+                .observe(ttfb.as_secs_f64());
+        }
+        if let (Some(tenant), Some((prompt, completion))) = (f.tenant, f.tokens) {
+            let series = match self.tenants.get(tenant) {
+                Some(series) => series,
+                None => self
+                    .tenants
+                    .entry(tenant.into())
+                    .or_insert_with(|| TenantSeries {
+                        prompt: TOKENS.with_label_values(&["prompt", tenant]).local(),
+                        completion: TOKENS.with_label_values(&["completion", tenant]).local(),
+                    }),
+            };
+            series.prompt.inc_by(prompt);
+            series.completion.inc_by(completion);
+        }
+    }
+}
+
+impl Drop for ThreadSeries {
+    /// A thread that ends (a runtime shutting down) hands over what it counted.
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+fn overhead(f: &Finished<'_>) -> Duration {
+    f.total.saturating_sub(f.upstream.unwrap_or_default())
+}
+
+/// Every thread's [`ThreadSeries`], for the scrape to flush.
+static THREADS: Mutex<Vec<Weak<Mutex<ThreadSeries>>>> = Mutex::new(Vec::new());
 
 thread_local! {
-    static ROUTES: RefCell<HashMap<RouteKey, RouteSeries, foldhash::fast::RandomState>> =
-        RefCell::new(HashMap::default());
-    static TTFB: RefCell<HashMap<&'static str, Histogram, foldhash::fast::RandomState>> =
-        RefCell::new(HashMap::default());
-    static TENANTS: RefCell<HashMap<Box<str>, TenantSeries, foldhash::fast::RandomState>> =
-        RefCell::new(HashMap::default());
-}
-
-fn route_series(surface: &'static str, route: &'static str, status: u16) -> RouteSeries {
-    let resolve = || {
-        let mut digits = itoa::Buffer::new();
-        RouteSeries {
-            requests: REQUESTS.with_label_values(&[surface, route, digits.format(status)]),
-            seconds: REQUEST_SECONDS.with_label_values(&[surface, route]),
-        }
+    static MINE: Arc<Mutex<ThreadSeries>> = {
+        let mine = Arc::new(Mutex::new(ThreadSeries::default()));
+        let mut threads = THREADS.lock().unwrap_or_else(PoisonError::into_inner);
+        threads.retain(|t| t.strong_count() > 0);
+        threads.push(Arc::downgrade(&mine));
+        mine
     };
-    ROUTES.with(|cache| {
-        let Ok(mut cache) = cache.try_borrow_mut() else {
-            return resolve();
-        };
-        if cache.len() >= SERIES_CACHE_MAX {
-            cache.clear();
-        }
-        cache
-            .entry((surface, route, status))
-            .or_insert_with(resolve)
-            .clone()
-    })
 }
 
-/// Only routes that reached an upstream get a TTFB series.
-fn ttfb_series(route: &'static str) -> Histogram {
-    let resolve = || UPSTREAM_TTFB_SECONDS.with_label_values(&[route]);
-    TTFB.with(|cache| match cache.try_borrow_mut() {
-        Ok(mut cache) => cache.entry(route).or_insert_with(resolve).clone(),
-        Err(_) => resolve(),
-    })
+/// The per-request series in the registry: a scrape first adds every thread's counts, so what
+/// it reads is exact.
+struct PerThread;
+
+impl Collector for PerThread {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = REQUESTS.desc();
+        descs.extend(REQUEST_SECONDS.desc());
+        descs.extend(OVERHEAD_SECONDS.desc());
+        descs.extend(UPSTREAM_TTFB_SECONDS.desc());
+        descs.extend(TOKENS.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let threads: Vec<_> = THREADS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for t in threads {
+            t.lock().unwrap_or_else(PoisonError::into_inner).flush();
+        }
+        let mut families = REQUESTS.collect();
+        families.extend(REQUEST_SECONDS.collect());
+        families.extend(OVERHEAD_SECONDS.collect());
+        families.extend(UPSTREAM_TTFB_SECONDS.collect());
+        families.extend(TOKENS.collect());
+        families
+    }
 }
 
-fn tenant_series(tenant: &str) -> TenantSeries {
-    let resolve = || TenantSeries {
-        prompt: TOKENS.with_label_values(&["prompt", tenant]),
-        completion: TOKENS.with_label_values(&["completion", tenant]),
-    };
-    TENANTS.with(|cache| {
-        let Ok(mut cache) = cache.try_borrow_mut() else {
-            return resolve();
-        };
-        if let Some(series) = cache.get(tenant) {
-            return series.clone();
-        }
-        if cache.len() >= SERIES_CACHE_MAX {
-            cache.clear();
-        }
-        let series = resolve();
-        cache.insert(tenant.into(), series.clone());
-        series
-    })
-}
+static PER_THREAD: LazyLock<()> = LazyLock::new(|| {
+    // Registration only fails for a duplicate name: a bug every test run would show.
+    if let Err(e) = prometheus::register(Box::new(PerThread)) {
+        tracing::error!(error = %e, "per-request metrics not registered");
+    }
+});
 
 pub fn record(f: &Finished<'_>) {
-    let series = route_series(f.surface, f.route, f.status);
-    series.requests.inc();
-    series.seconds.observe(f.total.as_secs_f64());
-    OVERHEAD_SECONDS.observe(
-        f.total
-            .saturating_sub(f.upstream.unwrap_or_default())
-            .as_secs_f64(),
-    );
+    LazyLock::force(&PER_THREAD);
+    let counted = MINE.try_with(|mine| {
+        mine.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(f)
+    });
+    if counted.is_err() {
+        // This thread is ending: count straight into the shared series.
+        record_shared(f);
+    }
+}
+
+fn record_shared(f: &Finished<'_>) {
+    let mut digits = itoa::Buffer::new();
+    REQUESTS
+        .with_label_values(&[f.surface, f.route, digits.format(f.status)])
+        .inc();
+    REQUEST_SECONDS
+        .with_label_values(&[f.surface, f.route])
+        .observe(f.total.as_secs_f64());
+    OVERHEAD_SECONDS.observe(overhead(f).as_secs_f64());
     if let Some(ttfb) = f.upstream_ttfb {
-        ttfb_series(f.route).observe(ttfb.as_secs_f64());
+        UPSTREAM_TTFB_SECONDS
+            .with_label_values(&[f.route])
+            .observe(ttfb.as_secs_f64());
     }
     if let (Some(tenant), Some((prompt, completion))) = (f.tenant, f.tokens) {
-        let tokens = tenant_series(tenant);
-        tokens.prompt.inc_by(prompt);
-        tokens.completion.inc_by(completion);
+        TOKENS.with_label_values(&["prompt", tenant]).inc_by(prompt);
+        TOKENS
+            .with_label_values(&["completion", tenant])
+            .inc_by(completion);
     }
 }
 

@@ -31,12 +31,12 @@ impl ModelName {
             return None;
         }
         let mut cloud_marker = false;
-        if let Some(stripped) = name.strip_suffix(":cloud") {
+        if name.ends_with(":cloud") {
             // `model:cloud` (no tag) and `model:tag:cloud` both carry the marker.
             cloud_marker = true;
-            name = stripped.to_string();
-        } else if let Some(stripped) = name.strip_suffix(":local") {
-            name = stripped.to_string();
+            name.truncate(name.len() - ":cloud".len());
+        } else if name.ends_with(":local") {
+            name.truncate(name.len() - ":local".len());
         }
         let (path, tag) = match name.rfind(':') {
             Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
@@ -50,13 +50,14 @@ impl ModelName {
         {
             return None;
         }
-        let parts: Vec<&str> = path.split('/').collect();
-        let (host, namespace, model) = match parts.as_slice() {
-            [m] => (DEFAULT_REGISTRY, DEFAULT_NAMESPACE, *m),
-            [ns, m] => (DEFAULT_REGISTRY, *ns, *m),
-            [h, ns, m] => (*h, *ns, *m),
-            _ => return None,
-        };
+        let mut parts = path.splitn(4, '/');
+        let (host, namespace, model) =
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(m), None, None, None) => (DEFAULT_REGISTRY, DEFAULT_NAMESPACE, m),
+                (Some(ns), Some(m), None, None) => (DEFAULT_REGISTRY, ns, m),
+                (Some(h), Some(ns), Some(m), None) => (h, ns, m),
+                _ => return None,
+            };
         let mut canonical = String::with_capacity(name.len() + 8);
         if host != DEFAULT_REGISTRY {
             canonical.push_str(host);
@@ -79,6 +80,10 @@ impl ModelName {
 
     pub fn as_str(&self) -> &str {
         &self.canonical
+    }
+
+    pub fn into_string(self) -> String {
+        self.canonical
     }
 
     pub fn is_cloud(&self) -> bool {

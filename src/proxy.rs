@@ -35,7 +35,7 @@ use crate::audit::transcript::{self, PromptRecord};
 use crate::audit::{self, AuditEvent, AuditSink};
 use crate::auth::{AuthError, Authenticator, bearer_token, client_ip::client_ip};
 use crate::body;
-use crate::clock::{self, Periods};
+use crate::clock;
 use crate::cors;
 use crate::errors::{GatewayError, Surface};
 use crate::limits::{self, Admission, BudgetPeriod, Demand, LimitError, LimitKind, Limiter};
@@ -231,18 +231,17 @@ impl Gateway {
 
     /// The client address (SPEC §3), needed by the throttle, CIDR policies and the audit log.
     fn find_client_ip(&self, session: &Session) -> Option<IpAddr> {
-        let req = session.req_header();
-        let forwarded: Vec<&str> = req
+        let forwarded = session
+            .req_header()
             .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
+            .get_all(X_FORWARDED_FOR)
+            .into_iter()
+            .filter_map(|v| v.to_str().ok());
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        client_ip(peer, &forwarded, &self.state.settings.trusted_proxies)
+        client_ip(peer, forwarded, &self.state.settings.trusted_proxies)
     }
 
     async fn authenticate(
@@ -330,7 +329,6 @@ impl Gateway {
         if !principal.models.permits(&name) {
             return Err(GatewayError::ModelNotAllowed(truncate(&parsed.model)));
         }
-        let model = name.as_str().to_string();
         ctx.request_body_len = bytes.len();
         if principal.prompt_logging && route.kind != RouteKind::ApiShow {
             ctx.prompt = Some(PromptCapture {
@@ -370,7 +368,7 @@ impl Gateway {
                 limits::reservation::prompt_bound(&bytes, &self.state.settings.budgets);
         }
         ctx.output_cap = clamped.output_cap;
-        ctx.model = Some(model);
+        ctx.model = Some(name.into_string());
         ctx.stream = parsed.stream;
         ctx.body = Some(bytes);
         Ok(())
@@ -382,7 +380,7 @@ impl Gateway {
         let Some(principal) = ctx.principal.clone() else {
             return Ok(());
         };
-        let periods = Periods::at(clock::now());
+        let periods = clock::periods_now();
         let demand = Demand {
             prompt_bound: ctx.prompt_bound,
             output_cap: ctx.output_cap,
@@ -501,13 +499,13 @@ fn audit_event(
         tenant_id: principal.map(|p| p.tenant_id),
         key_id: principal.map(|p| p.key_id),
         key_prefix: principal.map(|p| p.key_prefix.clone()),
-        client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+        client_ip: ctx.client_ip,
         method: audit::bounded(req.method.as_str(), 16),
         path: ctx.route.take().map_or_else(
             || audit::bounded(req.uri.path(), 512),
             |r| r.path.into_owned(),
         ),
-        surface: ctx.surface.as_str().to_string(),
+        surface: ctx.surface.as_str().into(),
         model: ctx.model.take(),
         stream: ctx.stream,
         status: i32::from(status),
@@ -526,6 +524,8 @@ fn audit_event(
         prompt: None,
     }
 }
+
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// OpenAI's rate-limit header names: limit, remaining, reset.
 const RATE_HEADERS_REQUESTS: [http::HeaderName; 3] = [
@@ -703,10 +703,11 @@ impl ProxyHttp for Gateway {
     type CTX = Box<RequestCtx>;
 
     fn new_ctx(&self) -> Self::CTX {
+        let now = std::time::SystemTime::now();
         Box::new(RequestCtx {
             request_id: String::new(),
             started: Instant::now(),
-            started_at: chrono::Utc::now(),
+            started_at: now.into(),
             surface: Surface::Native,
             route: None,
             path_and_query: std::borrow::Cow::Borrowed(""),
@@ -728,9 +729,7 @@ impl ProxyHttp for Gateway {
             // set their own cap in `check_model`.
             output_cap: Some(0),
             cap_slot: None,
-            // Time-ordered, so the audit rows' primary-key index grows at its right edge
-            // instead of taking every insert on a random page.
-            event_id: uuid::Uuid::now_v7(),
+            event_id: crate::audit::new_event_id(now),
             usage_day: None,
             admission: None,
             streaming_response: false,
@@ -758,8 +757,9 @@ impl ProxyHttp for Gateway {
             session
                 .req_header()
                 .headers
-                .get("x-request-id")
+                .get(crate::upstream::X_REQUEST_ID)
                 .map(|v| v.as_bytes()),
+            &ctx.event_id,
         );
         let route = match self.admit(session, ctx).await {
             Ok(Arrival::Route(route)) => route,

@@ -357,26 +357,30 @@ fn auth_header_value(
 /// Removes the client's credentials and hop-by-hop headers, including any header the client
 /// named in `Connection` (RFC 9110 §7.6.1).
 pub fn strip_client_headers(headers: &mut http::HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let doomed = |name: &http::HeaderName| {
-        STRIPPED.contains(name)
-            || (named.iter().any(|n| n == name.as_str())
+    let connection = headers.get_all(http::header::CONNECTION);
+    let listed_in_connection = |name: &http::HeaderName| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    // The request's own few names are walked once, instead of the list being looked up by
+    // name.
+    let doomed: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            STRIPPED.contains(name)
+                || (listed_in_connection(name)
                 // Never let the client's `Connection` list drop what the gateway itself needs.
                 && !matches!(
                     name.as_str(),
                     "host" | "content-length" | "transfer-encoding" | "x-request-id"
                 ))
-    };
-    // The request's own few names are walked, not the list looked up by name: a lookup by a
-    // `&str` parses that name each time.
-    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(&name);
     }
 }

@@ -7,6 +7,8 @@
 pub mod transcript;
 pub mod writer;
 
+use std::borrow::Cow;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +26,12 @@ pub struct AuditEvent {
     pub tenant_id: Option<i64>,
     pub key_id: Option<i64>,
     pub key_prefix: Option<String>,
-    pub client_ip: Option<String>,
+    /// Serialised as text in a spool, bound as `inet` in Postgres: the request path never
+    /// formats it.
+    pub client_ip: Option<IpAddr>,
     pub method: String,
     pub path: String,
-    pub surface: String,
+    pub surface: Cow<'static, str>,
     pub model: Option<String>,
     pub stream: Option<bool>,
     pub status: i32,
@@ -47,6 +51,26 @@ pub struct AuditEvent {
     /// Opted-in keys only: what was asked and answered (`prompt_log`, with an expiry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Box<transcript::PromptRecord>>,
+}
+
+thread_local! {
+    /// One per thread: `Uuid::now_v7` shares a single locked context between all threads.
+    static EVENT_IDS: uuid::ContextV7 = const { uuid::ContextV7::new() };
+}
+
+/// The id of an event that started at `at`: time-ordered (UUIDv7), so the audit rows'
+/// primary-key index grows at its right edge instead of taking inserts on random pages. Ids
+/// from one thread are strictly ordered; ids of two threads in the same millisecond differ in
+/// their 74 counter and random bits.
+pub fn new_event_id(at: std::time::SystemTime) -> Uuid {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    EVENT_IDS.with(|context| {
+        Uuid::new_v7(uuid::Timestamp::from_unix(
+            context,
+            since.as_secs(),
+            since.subsec_nanos(),
+        ))
+    })
 }
 
 /// How much the sidecar still holds: events queued or being written, and spool files waiting

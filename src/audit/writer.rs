@@ -362,13 +362,13 @@ fn batch_statement(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
         .push("::bigint[], ")
         .push_bind(text(|e| e.key_prefix.as_deref()))
         .push("::text[], ")
-        .push_bind(text(|e| e.client_ip.as_deref()))
-        .push("::text[]::inet[], ")
+        .push_bind(col(chunk, |e| e.client_ip))
+        .push("::inet[], ")
         .push_bind(col(chunk, |e| e.method.as_str()))
         .push("::text[], ")
         .push_bind(col(chunk, |e| e.path.as_str()))
         .push("::text[], ")
-        .push_bind(col(chunk, |e| e.surface.as_str()))
+        .push_bind(col(chunk, |e| e.surface.as_ref()))
         .push("::text[], ")
         .push_bind(text(|e| e.model.as_deref()))
         .push("::text[], ")
@@ -683,7 +683,7 @@ mod tests {
             tenant_id: None,
             key_id: None,
             key_prefix: None,
-            client_ip: Some("127.0.0.1".into()),
+            client_ip: Some(std::net::IpAddr::from([127, 0, 0, 1])),
             method: "GET".into(),
             path: "/".into(),
             surface: "native".into(),

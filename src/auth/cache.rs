@@ -4,6 +4,7 @@
 //! a Redis dump does not reveal keys either.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -58,7 +59,8 @@ enum Entry {
 
 /// What the local cache knows about a digest.
 pub enum LocalHit {
-    Valid(Arc<Principal>),
+    /// Valid until the instant given.
+    Valid(Arc<Principal>, Instant),
     Invalid,
     Miss,
 }
@@ -66,6 +68,9 @@ pub enum LocalHit {
 pub struct PrincipalCache {
     /// foldhash, not SipHash: a digest is an HMAC the caller cannot aim at a bucket.
     local: RwLock<HashMap<TokenDigest, Entry, foldhash::fast::RandomState>>,
+    /// Moves after every write to `local`: the threads' fronts (`front.rs`) drop what they
+    /// copied before it.
+    version: AtomicU64,
     ttl: Duration,
     negative_ttl: Duration,
     redis: Option<Client>,
@@ -85,12 +90,18 @@ impl PrincipalCache {
     ) -> Self {
         Self {
             local: RwLock::new(HashMap::default()),
+            version: AtomicU64::new(0),
             ttl,
             negative_ttl,
             redis,
             redis_timeout,
             ns: ns.to_string(),
         }
+    }
+
+    /// The version to read before a lookup whose answer a front will keep.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     pub fn local(&self, digest: &TokenDigest) -> LocalHit {
@@ -100,7 +111,7 @@ impl PrincipalCache {
         };
         match map.get(digest) {
             Some(Entry::Valid { principal, until }) if *until > now => {
-                LocalHit::Valid(principal.clone())
+                LocalHit::Valid(principal.clone(), *until)
             }
             Some(Entry::Invalid { until }) if *until > now => LocalHit::Invalid,
             _ => LocalHit::Miss,
@@ -138,6 +149,8 @@ impl PrincipalCache {
                 Entry::Invalid { .. } => false,
             });
         }
+        // After the write: a front that read the old version drops its copies.
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     fn insert(&self, digest: TokenDigest, entry: Entry) {
@@ -154,6 +167,8 @@ impl PrincipalCache {
             }
         }
         map.insert(digest, entry);
+        drop(map);
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn has_redis(&self) -> bool {

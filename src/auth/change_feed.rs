@@ -11,7 +11,7 @@
 //! id and remembers which ids it has applied.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,9 @@ pub struct ChangeFollower {
 pub struct ChangeLog {
     high: AtomicI64,
     recent: RwLock<Recent>,
+    /// Moves after every change recorded: the threads' fronts (`front.rs`) drop what they
+    /// found current before it.
+    version: AtomicU64,
 }
 
 /// Changes remembered per subject (a few; older ones are covered by the cache TTL).
@@ -65,6 +68,11 @@ struct Recent {
 }
 
 impl ChangeLog {
+    /// The version to read before an `outdates` check whose answer a front will keep.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     /// The highest change id applied so far.
     pub fn high(&self) -> i64 {
         self.high.load(Ordering::Acquire)
@@ -104,6 +112,7 @@ impl ChangeLog {
             list.push((*change, Instant::now()));
         }
         self.high.fetch_max(change.id, Ordering::AcqRel);
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Forgets changes no cached entry can predate any more.

@@ -25,7 +25,7 @@ pub fn count_images(body: &[u8]) -> u64 {
     let maybe = memchr::memchr2_iter(b'i', b'I', body).any(|at| {
         body.get(at..at + 4)
             .is_some_and(|w| w.eq_ignore_ascii_case(b"imag"))
-    }) || memchr::memmem::find(body, b"\\u").is_some();
+    }) || memchr::memchr_iter(b'\\', body).any(|at| body.get(at + 1) == Some(&b'u'));
     if !maybe {
         return 0;
     }
