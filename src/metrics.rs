@@ -101,14 +101,20 @@ pub static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["store", "op"],
     )
 });
-pub static INFLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("nz_inflight_requests", "Requests holding an upstream slot").unwrap_or_else(
-        |_| {
-            IntGauge::new("nz_inflight_requests_unregistered", "x")
-                .unwrap_or_else(|_| std::process::abort())
-        },
-    )
-});
+/// `nz_inflight_requests`: read from the proxy's own slot counter at each scrape, so a
+/// request does not also write a gauge every worker thread shares.
+pub fn register_inflight(slots: Arc<std::sync::atomic::AtomicUsize>) {
+    let gauge = prometheus::PullingGauge::new(
+        "nz_inflight_requests",
+        "Requests holding an upstream slot",
+        Box::new(move || slots.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    );
+    match gauge.map(|g| prometheus::register(Box::new(g))) {
+        Ok(Ok(())) => {}
+        // A second server in one process (tests) keeps the first one's gauge.
+        Ok(Err(e)) | Err(e) => tracing::debug!(error = %e, "inflight gauge not registered"),
+    }
+}
 
 pub static AUDIT_QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(

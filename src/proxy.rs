@@ -176,7 +176,6 @@ pub struct UpstreamSlot(Arc<AtomicUsize>);
 
 impl Drop for UpstreamSlot {
     fn drop(&mut self) {
-        metrics::INFLIGHT.dec();
         // Release: shutdown reads 0 here and then expects this request's settlement queued.
         self.0.fetch_sub(1, Ordering::Release);
     }
@@ -283,7 +282,6 @@ impl Gateway {
     fn take_upstream_slot(&self) -> Result<UpstreamSlot, GatewayError> {
         let inflight = &self.state.inflight;
         let before = inflight.fetch_add(1, Ordering::Relaxed);
-        metrics::INFLIGHT.inc();
         let slot = UpstreamSlot(inflight.clone());
         if before >= self.state.settings.upstream_max_inflight {
             return Err(GatewayError::UpstreamSaturated);
@@ -501,10 +499,10 @@ fn audit_event(
         key_prefix: principal.map(|p| p.key_prefix.clone()),
         client_ip: ctx.client_ip,
         method: audit::bounded(req.method.as_str(), 16),
-        path: ctx.route.take().map_or_else(
-            || audit::bounded(req.uri.path(), 512),
-            |r| r.path.into_owned(),
-        ),
+        path: ctx
+            .route
+            .take()
+            .map_or_else(|| audit::bounded(req.uri.path(), 512).into(), |r| r.path),
         surface: ctx.surface.as_str().into(),
         model: ctx.model.take(),
         stream: ctx.stream,

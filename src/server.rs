@@ -106,6 +106,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let (audit, audit_rx) = AuditSink::channel(settings.audit_queue_capacity, pipeline.clone());
     // Requests holding an upstream slot; services behind the proxy outlive them at shutdown.
     let inflight = Arc::new(AtomicUsize::new(0));
+    crate::metrics::register_inflight(inflight.clone());
     let audit_writer = AuditWriter::new(
         Store::new(&db_url, 2)?,
         audit_rx,

@@ -111,6 +111,11 @@ impl Upstreams {
 
     /// Where a new request starts in the round robin.
     pub fn start_index(&self) -> usize {
+        // One upstream needs no rotation, and the shared counter would be a cache line every
+        // worker thread writes per request.
+        if self.targets.len() == 1 {
+            return 0;
+        }
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 

@@ -30,7 +30,9 @@ pub struct AuditEvent {
     /// formats it.
     pub client_ip: Option<IpAddr>,
     pub method: String,
-    pub path: String,
+    /// The route's own path (borrowed from the route table) or, for what matched no route,
+    /// the bounded raw path.
+    pub path: Cow<'static, str>,
     pub surface: Cow<'static, str>,
     pub model: Option<String>,
     pub stream: Option<bool>,
@@ -169,7 +171,31 @@ impl AuditSink {
     }
 }
 
-/// Truncates client-controlled text before it is stored.
+/// Truncates client-controlled text to `max` characters before it is stored.
 pub fn bounded(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    // A character is at least a byte: most values are shorter than `max` bytes and are copied
+    // whole, without walking their characters.
+    let end = if s.len() <= max {
+        s.len()
+    } else {
+        s.char_indices().nth(max).map_or(s.len(), |(at, _)| at)
+    };
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_keeps_at_most_max_characters() {
+        assert_eq!(bounded("curl/8.5", 16), "curl/8.5");
+        assert_eq!(bounded("abcdef", 3), "abc");
+        assert_eq!(bounded("abc", 3), "abc");
+        // Multi-byte characters count once and are never cut in half.
+        assert_eq!(bounded("ééééé", 3), "ééé");
+        assert_eq!(bounded("aé", 2), "aé");
+        assert_eq!(bounded("", 0), "");
+        assert_eq!(bounded("x", 0), "");
+    }
 }

@@ -366,7 +366,7 @@ fn batch_statement(chunk: &[AuditEvent]) -> QueryBuilder<Postgres> {
         .push("::inet[], ")
         .push_bind(col(chunk, |e| e.method.as_str()))
         .push("::text[], ")
-        .push_bind(col(chunk, |e| e.path.as_str()))
+        .push_bind(col(chunk, |e| e.path.as_ref()))
         .push("::text[], ")
         .push_bind(col(chunk, |e| e.surface.as_ref()))
         .push("::text[], ")
