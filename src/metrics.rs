@@ -290,14 +290,23 @@ thread_local! {
 /// it reads is exact.
 struct PerThread;
 
+/// The shared series behind [`PerThread`].
+fn per_request_series() -> [&'static dyn Collector; 5] {
+    [
+        &*REQUESTS,
+        &*REQUEST_SECONDS,
+        &*OVERHEAD_SECONDS,
+        &*UPSTREAM_TTFB_SECONDS,
+        &*TOKENS,
+    ]
+}
+
 impl Collector for PerThread {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        let mut descs = REQUESTS.desc();
-        descs.extend(REQUEST_SECONDS.desc());
-        descs.extend(OVERHEAD_SECONDS.desc());
-        descs.extend(UPSTREAM_TTFB_SECONDS.desc());
-        descs.extend(TOKENS.desc());
-        descs
+        per_request_series()
+            .into_iter()
+            .flat_map(Collector::desc)
+            .collect()
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
@@ -310,12 +319,10 @@ impl Collector for PerThread {
         for t in threads {
             t.lock().unwrap_or_else(PoisonError::into_inner).flush();
         }
-        let mut families = REQUESTS.collect();
-        families.extend(REQUEST_SECONDS.collect());
-        families.extend(OVERHEAD_SECONDS.collect());
-        families.extend(UPSTREAM_TTFB_SECONDS.collect());
-        families.extend(TOKENS.collect());
-        families
+        per_request_series()
+            .into_iter()
+            .flat_map(Collector::collect)
+            .collect()
     }
 }
 
