@@ -11,6 +11,11 @@
 //!
 //! What buffering costs: a line reaches the log up to [`FLUSH_EVERY`] late, and a process
 //! killed with SIGKILL (or aborted) loses the lines of its last [`FLUSH_EVERY`].
+//!
+//! The flusher sleeps until a line lands in an empty buffer, then waits [`FLUSH_EVERY`] and
+//! writes: a gateway that logs nothing (`RUST_LOG=warn` under load) never wakes it. A timer
+//! ticking ten times a second cost an idle thread a wake-up each time, which on a small VM is
+//! more CPU than the write it guards.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::sync::Notify;
 use tracing_subscriber::fmt::MakeWriter;
 
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -41,6 +47,8 @@ pub struct LogSink {
     /// Held from taking the buffer until its bytes are written, so batches reach the file in
     /// the order their lines were logged.
     writing: Mutex<()>,
+    /// Told when a line lands in an empty buffer.
+    pending: Notify,
 }
 
 impl LogSink {
@@ -50,6 +58,7 @@ impl LogSink {
             buffered: AtomicBool::new(false),
             lines: Mutex::new(Vec::new()),
             writing: Mutex::new(()),
+            pending: Notify::const_new(),
         }
     }
 
@@ -63,11 +72,16 @@ impl LogSink {
     }
 
     fn append(&self, line: &[u8]) {
-        let full = {
+        let (first, full) = {
             let mut lines = lock(&self.lines);
+            let first = lines.is_empty();
             lines.extend_from_slice(line);
-            lines.len() >= FLUSH_BYTES
+            (first, lines.len() >= FLUSH_BYTES)
         };
+        if first {
+            // A permit is kept if the flusher is not waiting yet: this line is not forgotten.
+            self.pending.notify_one();
+        }
         // Buffering may have ended between the caller's check and the append, after the last
         // flush: the line must not wait for one that may never come.
         if full || !self.buffered.load(Ordering::Acquire) {
@@ -156,19 +170,23 @@ impl<'a> MakeWriter<'a> for &'static LogSink {
     }
 }
 
-/// Turns buffering on while the server runs and writes the buffer out every [`FLUSH_EVERY`].
-/// A Pingora background service, so it runs after a daemon fork (threads do not survive one).
+/// Turns buffering on while the server runs and writes the buffer out [`FLUSH_EVERY`] after a
+/// line arrives in an empty buffer. A Pingora background service, so it runs after a daemon
+/// fork (threads do not survive one).
 pub struct LogFlusher(pub &'static LogSink);
 
 #[async_trait]
 impl BackgroundService for LogFlusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.0.set_buffered(true);
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = tick.tick() => self.0.flush(),
+                _ = self.0.pending.notified() => {}
+            }
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(FLUSH_EVERY) => self.0.flush(),
             }
         }
         // Shutting down: the drain's lines, and the last ones, are written as they come.
@@ -247,5 +265,25 @@ mod tests {
             lock(&sink.lines).is_empty(),
             "the line past the limit flushed"
         );
+    }
+
+    #[tokio::test]
+    async fn the_flusher_writes_each_line_within_its_window() {
+        let sink = sink();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let flusher = tokio::spawn(async move { LogFlusher(sink).start(shutdown).await });
+        while !sink.buffered.load(Ordering::Acquire) {
+            tokio::task::yield_now().await;
+        }
+        // Twice: the second line lands in a buffer the first flush emptied.
+        for line in [b"first\n", b"again\n"] {
+            sink.make_writer().write_all(line).unwrap_or(());
+            assert!(!lock(&sink.lines).is_empty(), "buffered at first");
+            tokio::time::sleep(FLUSH_EVERY * 4).await;
+            assert!(lock(&sink.lines).is_empty(), "written within the window");
+        }
+        stop.send(true).unwrap_or(());
+        flusher.await.unwrap_or(());
+        assert!(!sink.buffered.load(Ordering::Acquire));
     }
 }

@@ -73,10 +73,11 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
         settings.redis_timeout,
         &settings.redis_key_prefix,
     ));
-    // Its own one-connection pool, created on the background service's runtime.
+    // Its own pool, created on the background service's runtime: one connection listens for
+    // the feed's notifications, the other reads the feed.
     let changes = Arc::new(ChangeLog::default());
     let follower = ChangeFollower::new(
-        Store::new(&db_url, 1)?,
+        Store::for_background(&db_url, 2)?,
         cache.clone(),
         redis_bg.clone(),
         changes.clone(),
@@ -108,7 +109,7 @@ pub fn serve(settings: Settings, pingora_opt: Opt, no_migrate: bool) -> anyhow::
     let inflight = Arc::new(AtomicUsize::new(0));
     crate::metrics::register_inflight(inflight.clone());
     let audit_writer = AuditWriter::new(
-        Store::new(&db_url, 2)?,
+        Store::for_background(&db_url, 2)?,
         audit_rx,
         pipeline.clone(),
         settings.audit_retention_days,

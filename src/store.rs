@@ -71,6 +71,8 @@ pub fn connect_options(url: &SecretString) -> Result<PgConnectOptions, StoreErro
 pub struct Store {
     options: PgConnectOptions,
     max_connections: u32,
+    /// sqlx's ping of a pooled connection before handing it out: a round trip per use.
+    ping_before_use: bool,
     pool: OnceCell<PgPool>,
 }
 
@@ -79,7 +81,18 @@ impl Store {
         Ok(Self {
             options: connect_options(url)?,
             max_connections,
+            ping_before_use: true,
             pool: OnceCell::new(),
+        })
+    }
+
+    /// A pool for a background service that retries what fails (the audit writer, the change
+    /// follower): no ping before each use, since a dead connection costs it one failed
+    /// attempt, while the ping costs a round trip on every batch.
+    pub fn for_background(url: &SecretString, max_connections: u32) -> Result<Self, StoreError> {
+        Ok(Self {
+            ping_before_use: false,
+            ..Self::new(url, max_connections)?
         })
     }
 
@@ -90,6 +103,7 @@ impl Store {
                     .max_connections(self.max_connections)
                     // Fail fast: a request waiting on a dead database answers 503 quickly.
                     .acquire_timeout(Duration::from_secs(2))
+                    .test_before_acquire(self.ping_before_use)
                     .connect_lazy_with(self.options.clone())
             })
             .await

@@ -8,6 +8,15 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Each comparison resets and reads Redis's global command counters: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn require_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests through ./scripts/test, which starts private Postgres and Redis")
@@ -54,8 +63,35 @@ fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// `nz-bench compare` on this build against a fresh database and the private Redis, with
+/// cheap key hashing (debug builds, as the other integration tests use) and `args` added;
+/// its JSON results.
+fn compare(scenario: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_nz-bench"))
+        .arg("compare")
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .args(["--database-url", &fresh_database()])
+        .args(["--redis-url", &require_env("NZ_TEST_REDIS_URL")])
+        .args(["--settle", "100ms", "--quiet", "--json"])
+        .args(["--gateway-env", "ARGON2_MEMORY_KIB=1024"])
+        .args(["--gateway-env", "ARGON2_ITERATIONS=1"])
+        .arg("--scenario")
+        .arg(scenario)
+        .args(args)
+        .output()
+        .expect("run nz-bench compare");
+    assert!(
+        out.status.success(),
+        "nz-bench compare {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON results")
+}
+
 #[test]
 fn compare_runs_rounds_in_alternating_order_and_judges_the_median() {
+    let _serial = one_at_a_time();
     let dir = tempfile_dir();
     let scenario = dir.join("rounds.yaml");
     std::fs::write(
@@ -66,29 +102,18 @@ fn compare_runs_rounds_in_alternating_order_and_judges_the_median() {
     )
     .expect("write scenario");
     let markdown = dir.join("report.md");
-    let out = Command::new(env!("CARGO_BIN_EXE_nz-bench"))
-        .arg("compare")
-        .arg("--bin-dir")
-        .arg(bin_dir())
-        .args(["--database-url", &fresh_database()])
-        .args(["--redis-url", &require_env("NZ_TEST_REDIS_URL")])
-        .args(["--targets", "passthrough,gateway", "--rounds", "3"])
-        .args(["--settle", "100ms", "--quiet", "--json"])
-        // Debug builds: cheap key hashing, as the other integration tests use.
-        .args(["--gateway-env", "ARGON2_MEMORY_KIB=1024"])
-        .args(["--gateway-env", "ARGON2_ITERATIONS=1"])
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--markdown")
-        .arg(&markdown)
-        .output()
-        .expect("run nz-bench compare");
-    assert!(
-        out.status.success(),
-        "nz-bench compare failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let markdown_arg = markdown.to_string_lossy().into_owned();
+    let v = compare(
+        &scenario,
+        &[
+            "--targets",
+            "passthrough,gateway",
+            "--rounds",
+            "3",
+            "--markdown",
+            &markdown_arg,
+        ],
     );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON results");
     let runs: Vec<(u64, &str)> = v
         .as_array()
         .expect("an array of results")
@@ -138,6 +163,63 @@ fn compare_runs_rounds_in_alternating_order_and_judges_the_median() {
                 && l.contains("3 rounds")),
         "{report}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn together_loads_both_proxies_in_each_round() {
+    let _serial = one_at_a_time();
+    let dir = tempfile_dir().join("together");
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let scenario = dir.join("pair.yaml");
+    std::fs::write(
+        &scenario,
+        "name: pair\nmode: open\nrate: 20\nduration: 1s\nwarmup: 1s\n\
+         requests:\n  - {route: /api/chat, stream: true, prompt_bytes: 64}\n\
+         sim: {chunks: 2, chunk_delay_ms: 0}\ntenants: 1\nkeys_per_tenant: 1\n",
+    )
+    .expect("write scenario");
+    let v = compare(
+        &scenario,
+        &[
+            "--targets",
+            "sim,passthrough,gateway",
+            "--rounds",
+            "2",
+            "--together",
+        ],
+    );
+    let runs: Vec<(u64, &str, &str)> = v
+        .as_array()
+        .expect("an array of results")
+        .iter()
+        .map(|r| {
+            (
+                r["round"].as_u64().expect("round"),
+                r["target"].as_str().expect("target"),
+                r["scenario"].as_str().expect("scenario"),
+            )
+        })
+        .collect();
+    // The simulator alone first; the two proxies as one pair, named for it.
+    assert_eq!(
+        runs,
+        [
+            (1, "sim", "pair"),
+            (1, "passthrough", "pair (together)"),
+            (1, "gateway", "pair (together)"),
+            (2, "sim", "pair"),
+            (2, "gateway", "pair (together)"),
+            (2, "passthrough", "pair (together)"),
+        ]
+    );
+    for r in v.as_array().into_iter().flatten() {
+        let s = &r["summary"];
+        assert!(s["requests"].as_u64().expect("requests") > 0, "{r}");
+        assert_eq!(s["errors"].as_u64(), Some(0), "errors: {r}");
+        let cpu = r["process"]["cpu_seconds"].as_f64().expect("CPU seconds");
+        assert!(cpu > 0.0, "the process clock counted this run: {r}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -149,6 +149,13 @@ enum Cmd {
         /// Pause between runs.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         settle: Duration,
+        /// Load the passthrough and the gateway at the same time in each round, each at the
+        /// scenario's own rate from its own client (the simulator, if listed, still runs
+        /// alone first). On a shared machine whose speed drifts, both then see the same drift,
+        /// so their CPU-per-request ratio is steadier; both also share the cores, so absolute
+        /// figures are higher than when each runs alone. Open-loop scenarios only.
+        #[arg(long)]
+        together: bool,
         #[command(flatten)]
         overrides: Overrides,
         #[command(flatten)]
@@ -313,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
             redis_monitor,
             no_limits,
             keep_logs,
+            together,
             overrides,
             output,
         } => {
@@ -361,6 +369,7 @@ async fn main() -> anyhow::Result<()> {
                 redis_monitor,
                 limits: !no_limits,
                 keep_logs,
+                together,
             })
             .await?;
             emit(&results, &output)

@@ -45,6 +45,9 @@ pub struct CompareConfig {
     /// Keep the temporary directory (logs, conf, audit spool) after a successful run; it is
     /// always kept after a failure.
     pub keep_logs: bool,
+    /// Run the passthrough and the gateway at the same time in each round (open-loop
+    /// scenarios), so that both see the same state of a drifting machine.
+    pub together: bool,
 }
 
 /// A child process started here; stopped (SIGTERM, then SIGKILL) by its own pid on drop.
@@ -479,20 +482,33 @@ pub async fn run(cfg: CompareConfig) -> anyhow::Result<Vec<RunResult>> {
         } else {
             cfg.rounds.max(1)
         };
+        let together = cfg.together && scenario.mode == Mode::Open;
+        if cfg.together && !together {
+            eprintln!(
+                "note: scenario `{}` is not open-loop; its targets run one after the other",
+                scenario.name
+            );
+        }
         for round in 1..=rounds {
             let order = round_order(&cfg.targets, round);
             let round = (rounds > 1).then_some(round);
-            for target in order {
-                let mut result =
-                    run_target(&cfg, &stack, &redis, &pg, scenario, &keys, target).await?;
-                result.round = round;
-                if cfg.progress {
-                    eprintln!(
-                        "{}",
-                        super::report::results_table(std::slice::from_ref(&result)).text()
-                    );
+            for batch in batches(&order, together) {
+                let runs = batch
+                    .iter()
+                    .map(|t| run_target(&cfg, &stack, &redis, &pg, scenario, &keys, t));
+                for mut result in futures::future::try_join_all(runs).await? {
+                    result.round = round;
+                    if together && batch.len() > 1 {
+                        result.scenario = format!("{} (together)", result.scenario);
+                    }
+                    if cfg.progress {
+                        eprintln!(
+                            "{}",
+                            super::report::results_table(std::slice::from_ref(&result)).text()
+                        );
+                    }
+                    results.push(result);
                 }
-                results.push(result);
                 tokio::time::sleep(cfg.settle).await;
             }
         }
@@ -518,6 +534,22 @@ fn round_order(targets: &[String], round: u32) -> Vec<&str> {
         }
     }
     order
+}
+
+/// The targets of a round in the groups that run at the same time: one by one, or with
+/// `together` the passthrough and the gateway as one group (anything else alone, first).
+fn batches<'a>(order: &[&'a str], together: bool) -> Vec<Vec<&'a str>> {
+    if !together {
+        return order.iter().map(|t| vec![*t]).collect();
+    }
+    let (pair, alone): (Vec<&str>, Vec<&str>) = order
+        .iter()
+        .partition(|t| matches!(**t, "passthrough" | "gateway"));
+    let mut out: Vec<Vec<&str>> = alone.into_iter().map(|t| vec![t]).collect();
+    if !pair.is_empty() {
+        out.push(pair);
+    }
+    out
 }
 
 /// One run of `scenario` against one target, with the stores' counters around it when the
@@ -635,7 +667,21 @@ async fn warm(load: &Load, label: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::round_order;
+    use super::{batches, round_order};
+
+    #[test]
+    fn together_groups_the_two_proxies_after_the_simulator() {
+        let order = ["sim", "gateway", "passthrough"];
+        assert_eq!(
+            batches(&order, true),
+            vec![vec!["sim"], vec!["gateway", "passthrough"]]
+        );
+        assert_eq!(
+            batches(&order, false),
+            vec![vec!["sim"], vec!["gateway"], vec!["passthrough"]]
+        );
+        assert_eq!(batches(&["gateway"], true), vec![vec!["gateway"]]);
+    }
 
     #[test]
     fn even_rounds_swap_the_passthrough_and_the_gateway() {

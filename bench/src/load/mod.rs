@@ -112,7 +112,7 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
         stores: None,
     };
     if scenario.mode == Mode::Hold {
-        let before = opts.pid.and_then(procstat::cpu);
+        let before = opts.pid.and_then(procstat::process_cpu);
         let h = hold::run(
             load,
             &scenario.hold_counts,
@@ -139,7 +139,10 @@ pub async fn run_scenario(scenario: &Scenario, load: Arc<Load>, opts: &RunOption
         let pid = opts.pid;
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            (pid.and_then(procstat::cpu), procstat::machine_sample())
+            (
+                pid.and_then(procstat::process_cpu),
+                procstat::machine_sample(),
+            )
         })
     };
     match scenario.mode {

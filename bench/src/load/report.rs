@@ -394,7 +394,8 @@ enum Unit {
 impl Unit {
     fn show(self, v: f64) -> String {
         match self {
-            Unit::Ratio => format!("{v:.2}x"),
+            // Three decimals: a verdict against 1.2x can hang on the third one.
+            Unit::Ratio => format!("{v:.3}x"),
             Unit::AddedMs => format!("{v:+.3} ms"),
             Unit::PerRequest(digits) => format!("{v:.digits$}"),
         }
@@ -658,7 +659,7 @@ mod tests {
         ];
         let t = targets_table(&results).unwrap();
         let cpu = t.rows.iter().find(|r| r[1] == "CPU per request").unwrap();
-        assert_eq!((cpu[3].as_str(), cpu[4].as_str()), ("1.10x", "met"));
+        assert_eq!((cpu[3].as_str(), cpu[4].as_str()), ("1.100x", "met"));
         let p99 = t.rows.iter().find(|r| r[1] == "added p99").unwrap();
         assert_eq!((p99[3].as_str(), p99[4].as_str()), ("+1.500 ms", "MISSED"));
         let cmp = comparison_table(&results).unwrap();
@@ -676,7 +677,7 @@ mod tests {
         assert_eq!(t.rows.len(), 1);
         assert_eq!(
             (t.rows[0][3].as_str(), t.rows[0][4].as_str()),
-            ("0.90x", "met")
+            ("0.900x", "met")
         );
     }
 
@@ -693,7 +694,7 @@ mod tests {
         }
         let t = targets_table(&results).unwrap();
         let cpu = t.rows.iter().find(|r| r[1] == "CPU per request").unwrap();
-        assert_eq!(cpu[3], "median 1.15x (1.10x to 1.30x, 3 rounds)");
+        assert_eq!(cpu[3], "median 1.150x (1.100x to 1.300x, 3 rounds)");
         assert_eq!(cpu[4], "met");
         // Each round keeps its own comparison rows.
         let cmp = comparison_table(&results).unwrap();
@@ -723,7 +724,7 @@ mod tests {
         }
         let t = targets_table(&results).unwrap();
         let cpu = t.rows.iter().find(|r| r[1] == "CPU per request").unwrap();
-        assert_eq!(cpu[3], "median 1.20x (1.10x to 1.30x, 2 of 3 rounds)");
+        assert_eq!(cpu[3], "median 1.200x (1.100x to 1.300x, 2 of 3 rounds)");
         let p99 = t.rows.iter().find(|r| r[1] == "added p99").unwrap();
         assert_eq!(
             p99[3],
@@ -743,7 +744,7 @@ mod tests {
         }
         let t = targets_table(&results).unwrap();
         assert_eq!(t.rows.len(), 1);
-        assert_eq!(t.rows[0][3], "median 0.80x (0.70x to 0.90x, 2 rounds)");
+        assert_eq!(t.rows[0][3], "median 0.800x (0.700x to 0.900x, 2 rounds)");
         assert_eq!(t.rows[0][4], "MISSED");
     }
 }
