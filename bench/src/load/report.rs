@@ -140,7 +140,7 @@ fn find<'a>(
 /// One row per result: throughput, latency, TTFB, tokens, errors, process cost.
 pub fn results_table(results: &[RunResult]) -> Table {
     let mut t = Table::new(
-        "Results (latency in ms; CPU = utime+stime of the target process)",
+        "Results (latency in ms; CPU = the target process's CPU clock, all threads)",
         &[
             "scenario / target",
             "mode",
