@@ -246,16 +246,30 @@ impl BackgroundService for AuditWriter {
         let mut replay_tick = tokio::time::interval(REPLAY_EVERY);
         let mut partition_tick = tokio::time::interval(PARTITIONS_EVERY);
         let mut purge_tick = tokio::time::interval(self.purge_every);
+        // While events keep coming, the next window starts when the last one closed and
+        // nothing wakes the writer before it ends (a deep queue aside): under steady load the
+        // first event of each batch no longer costs a wake-up of this thread on top of the
+        // window's timer. A window that finds nothing queued puts the writer back to waiting
+        // for the next event.
+        let mut next_window: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH) => {
+                n = rx.recv_many(&mut batch, BATCH), if next_window.is_none() => {
                     if n == 0 {
                         break; // every sender is gone
                     }
-                    crate::metrics::AUDIT_QUEUE.set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
                     self.fill(&mut rx, &mut batch).await;
-                    self.write(&batch).await;
-                    batch.clear();
+                    self.write_queued(&rx, &mut batch).await;
+                    next_window = Some(next_window_after(&rx));
+                }
+                _ = window_end(next_window, &self.pipeline.batch_ready), if next_window.is_some() => {
+                    take_queued(&mut rx, &mut batch);
+                    next_window = if batch.is_empty() {
+                        None
+                    } else {
+                        self.write_queued(&rx, &mut batch).await;
+                        Some(next_window_after(&rx))
+                    };
                 }
                 _ = partition_tick.tick() => {
                     if let Err(e) = self.maintain_partitions().await {
@@ -281,7 +295,37 @@ impl BackgroundService for AuditWriter {
     }
 }
 
+/// When the next window closes: at once while a full batch is already queued (a deep queue
+/// drains at the speed of the writes), else a window from now.
+fn next_window_after(rx: &mpsc::Receiver<AuditEvent>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    if rx.len() >= FLUSH_AT {
+        now
+    } else {
+        now + FLUSH_WINDOW
+    }
+}
+
+/// The end of a window that opened while events kept coming: its time, or earlier when the
+/// proxy reports a deep queue.
+async fn window_end(at: Option<tokio::time::Instant>, deep_queue: &tokio::sync::Notify) {
+    let Some(at) = at else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::time::sleep_until(at) => {}
+        _ = deep_queue.notified() => {}
+    }
+}
+
 impl AuditWriter {
+    /// Writes `batch` (taken from the queue) and reports the queue left behind.
+    async fn write_queued(&self, rx: &mpsc::Receiver<AuditEvent>, batch: &mut Vec<AuditEvent>) {
+        crate::metrics::AUDIT_QUEUE.set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
+        self.write(batch).await;
+        batch.clear();
+    }
+
     /// Lets a batch grow to `FLUSH_AT` events or for `FLUSH_WINDOW`, whichever comes first.
     /// Only the batch's first event woke this task; the rest are collected when the window
     /// closes or when the proxy reports a deep queue.
