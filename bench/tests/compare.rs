@@ -93,14 +93,7 @@ fn compare(scenario: &Path, args: &[&str]) -> Value {
 fn compare_runs_rounds_in_alternating_order_and_judges_the_median() {
     let _serial = one_at_a_time();
     let dir = tempfile_dir();
-    let scenario = dir.join("rounds.yaml");
-    std::fs::write(
-        &scenario,
-        "name: rounds\nmode: open\nrate: 20\nduration: 1s\nwarmup: 1s\n\
-         requests:\n  - {route: /api/chat, stream: true, prompt_bytes: 64}\n\
-         sim: {chunks: 3, chunk_delay_ms: 0}\ntenants: 1\nkeys_per_tenant: 2\n",
-    )
-    .expect("write scenario");
+    let scenario = chat_scenario(&dir, "rounds", 3, 2);
     let markdown = dir.join("report.md");
     let markdown_arg = markdown.to_string_lossy().into_owned();
     let v = compare(
@@ -171,14 +164,7 @@ fn together_loads_both_proxies_in_each_round() {
     let _serial = one_at_a_time();
     let dir = tempfile_dir().join("together");
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    let scenario = dir.join("pair.yaml");
-    std::fs::write(
-        &scenario,
-        "name: pair\nmode: open\nrate: 20\nduration: 1s\nwarmup: 1s\n\
-         requests:\n  - {route: /api/chat, stream: true, prompt_bytes: 64}\n\
-         sim: {chunks: 2, chunk_delay_ms: 0}\ntenants: 1\nkeys_per_tenant: 1\n",
-    )
-    .expect("write scenario");
+    let scenario = chat_scenario(&dir, "pair", 2, 1);
     let v = compare(
         &scenario,
         &[
@@ -221,6 +207,23 @@ fn together_loads_both_proxies_in_each_round() {
         assert!(cpu > 0.0, "the process clock counted this run: {r}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A one-second open-loop scenario at 20 req/s of streamed `/api/chat`, written to
+/// `dir/<name>.yaml`.
+fn chat_scenario(dir: &Path, name: &str, chunks: u32, keys_per_tenant: u32) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name: {name}\nmode: open\nrate: 20\nduration: 1s\nwarmup: 1s\n\
+             requests:\n  - {{route: /api/chat, stream: true, prompt_bytes: 64}}\n\
+             sim: {{chunks: {chunks}, chunk_delay_ms: 0}}\ntenants: 1\n\
+             keys_per_tenant: {keys_per_tenant}\n"
+        ),
+    )
+    .expect("write scenario");
+    path
 }
 
 fn tempfile_dir() -> PathBuf {
