@@ -107,16 +107,9 @@ fn compare_runs_rounds_in_alternating_order_and_judges_the_median() {
             &markdown_arg,
         ],
     );
-    let runs: Vec<(u64, &str)> = v
-        .as_array()
-        .expect("an array of results")
-        .iter()
-        .map(|r| {
-            (
-                r["round"].as_u64().expect("round"),
-                r["target"].as_str().expect("target"),
-            )
-        })
+    let runs: Vec<(u64, &str)> = runs(&v)
+        .into_iter()
+        .map(|(round, target, _)| (round, target))
         .collect();
     assert_eq!(
         runs,
@@ -175,18 +168,7 @@ fn together_loads_both_proxies_in_each_round() {
             "--together",
         ],
     );
-    let runs: Vec<(u64, &str, &str)> = v
-        .as_array()
-        .expect("an array of results")
-        .iter()
-        .map(|r| {
-            (
-                r["round"].as_u64().expect("round"),
-                r["target"].as_str().expect("target"),
-                r["scenario"].as_str().expect("scenario"),
-            )
-        })
-        .collect();
+    let runs = runs(&v);
     // The simulator alone first; the two proxies as one pair, named for it.
     assert_eq!(
         runs,
@@ -207,6 +189,21 @@ fn together_loads_both_proxies_in_each_round() {
         assert!(cpu > 0.0, "the process clock counted this run: {r}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each result's round, target and scenario, in the order they ran.
+fn runs(v: &Value) -> Vec<(u64, &str, &str)> {
+    v.as_array()
+        .expect("an array of results")
+        .iter()
+        .map(|r| {
+            (
+                r["round"].as_u64().expect("round"),
+                r["target"].as_str().expect("target"),
+                r["scenario"].as_str().expect("scenario"),
+            )
+        })
+        .collect()
 }
 
 /// A one-second open-loop scenario at 20 req/s of streamed `/api/chat`, written to
